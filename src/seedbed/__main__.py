@@ -1,0 +1,5 @@
+import sys
+
+from seedbed.cli import main
+
+sys.exit(main())

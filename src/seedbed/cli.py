@@ -1,0 +1,198 @@
+"""The ``seedbed`` command. Bad input ends with one line on stderr and exit code 2."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+from seedbed.errors import UserError
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
+    return value
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2, like every other bad input
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = Parser(prog="seedbed", description="Train, shrink and measure tiny language models.")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+
+    train = commands.add_parser("train", help="train a model (presets: seedbed presets)")
+    source = train.add_mutually_exclusive_group()
+    source.add_argument("--preset", help="a built-in preset (default: gpt)")
+    source.add_argument("--config", help="a TOML config file")
+    source.add_argument("--resume", metavar="RUN", help="continue a run from its last checkpoint")
+    length = train.add_mutually_exclusive_group()
+    length.add_argument("--minutes", type=positive_float, help="train for this many minutes of wall clock")
+    length.add_argument("--steps", type=positive_int, help="train for this many optimiser steps")
+    train.add_argument("--data", help="default | pystdlib | PATH (file or folder) | shards:DIR")
+    train.add_argument("--out", help="run folder (default: runs/PRESET-TIME)")
+    train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    train.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. model.d_model=384 train.lr=0.002")
+
+    evaluate = commands.add_parser("eval", help="bits per byte of a run on held-out text")
+    evaluate.add_argument("run", metavar="RUN")
+    where = evaluate.add_mutually_exclusive_group()
+    where.add_argument("--data", help="corpus spec (default: the run's own corpus)")
+    where.add_argument("--text", help="a file to score whole")
+    evaluate.add_argument("--split", choices=("val", "test"), default="val")
+    evaluate.add_argument("--stride", type=positive_int, default=0, help="sliding-window stride (default: context/2)")
+
+    generate = commands.add_parser("generate", help="sample text from a run, streaming")
+    generate.add_argument("run", metavar="RUN")
+    generate.add_argument("--prompt", required=True)
+    generate.add_argument("--tokens", type=positive_int, default=200)
+    generate.add_argument("--temperature", type=float, default=0.8)
+    generate.add_argument("--top-k", type=int, default=0)
+    generate.add_argument("--top-p", type=float, default=1.0)
+    generate.add_argument("--seed", type=int, default=None)
+
+    shards = commands.add_parser("export-shards", help="write a text corpus as .bin token shards")
+    shards.add_argument("--data", default="default")
+    shards.add_argument("--tokenizer", default="bytes", help="bytes | sp | sp:PATH")
+    shards.add_argument("--vocab-size", type=positive_int, default=1024)
+    shards.add_argument("-o", "--out", required=True)
+
+    commands.add_parser("presets", help="list the built-in presets")
+
+    bench = commands.add_parser("bench", help="benchmarks that write a table to BENCHMARKS.md")
+    bench.add_argument("suite", choices=("train",))
+    bench.add_argument("--minutes", type=positive_float, default=10.0, help="training budget for the bpb row")
+    bench.add_argument("--output", default="BENCHMARKS.md")
+    return parser
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from seedbed.config import apply_overrides, config_from_dict, read_config_file, resolve_config
+    from seedbed.train.trainer import Distributed, Trainer
+
+    overrides = list(args.overrides)
+    if args.data:
+        overrides.append(f"data.spec={quote(args.data)}")
+    if args.minutes:
+        overrides += [f"train.minutes={args.minutes}", "train.steps=0"]
+    if args.steps:
+        overrides += [f"train.steps={args.steps}"]
+    if args.resume:
+        run_dir = Path(args.resume)
+        if not (run_dir / "config.toml").is_file():
+            raise UserError(f"cannot resume: {run_dir} is not a run folder (no config.toml)")
+        cfg = config_from_dict(apply_overrides(read_config_file(run_dir / "config.toml"), overrides))
+    else:
+        cfg = resolve_config(args.preset, args.config, overrides)
+        if args.out:
+            run_dir = Path(args.out)
+        elif Distributed.from_env().world > 1:
+            raise UserError("pass --out DIR when training with several processes, so they share one run folder")
+        else:
+            run_dir = Path("runs") / f"{cfg.preset or 'custom'}-{time.strftime('%Y%m%d-%H%M%S')}"
+        if (run_dir / "checkpoint.safetensors").exists():
+            raise UserError(f"{run_dir} already holds a run; continue it with --resume {run_dir} or pick another --out")
+    trainer = Trainer(cfg, run_dir, resume=bool(args.resume), progress=not args.no_progress)
+    if trainer.dist.main:
+        print(f"run {run_dir}: {trainer.data.description}", file=sys.stderr)
+        print(f"model: {sum(p.numel() for p in trainer.model.parameters()):,} parameters, "
+              f"device {trainer.device}, autocast {trainer.autocast_dtype or 'off'}", file=sys.stderr)
+    result = trainer.run()
+    if trainer.dist.main:
+        mfu = f"{result.mfu:.1%}" if result.mfu is not None else "n/a"
+        print(f"steps {result.steps}  tokens {result.tokens:,}  train time {result.train_seconds:.1f} s  "
+              f"{result.tokens_per_second:,.0f} tok/s  MFU {mfu}")
+        print(f"val bpb {result.val_bpb:.4f}")
+        print(f"run folder {run_dir}")
+
+
+def quote(text: str) -> str:
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from seedbed.runs import load
+
+    loaded = load(args.run)
+    if args.text:
+        path = Path(args.text)
+        if not path.is_file():
+            raise UserError(f"text file {path} does not exist")
+        result = loaded.evaluate(path.read_bytes(), stride=args.stride)
+        what = str(path)
+    else:
+        spec = args.data or loaded.config.data.spec
+        result = loaded.evaluate_split(spec, args.split, stride=args.stride)
+        what = f"{spec} [{args.split}]"
+    print(f"{what}: bpb {result.bpb:.4f}  tokens {result.tokens:,}  bytes {result.n_bytes:,}  "
+          f"bits/token {result.bits_per_token:.4f}  ({result.seconds:.1f} s)")
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    from seedbed.runs import load
+
+    loaded = load(args.run)
+    sys.stdout.write(args.prompt)
+    for piece in loaded.stream(args.prompt, args.tokens, args.temperature, args.top_k, args.top_p, args.seed):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+
+
+def cmd_export_shards(args: argparse.Namespace) -> None:
+    from seedbed.data import export_shards
+
+    summary = export_shards(args.data, args.out, args.tokenizer, args.vocab_size)
+    print(summary)
+
+
+def cmd_presets(args: argparse.Namespace) -> None:
+    from seedbed.config import preset_description, preset_names
+
+    for name in preset_names():
+        print(f"{name:12s} {preset_description(name)}")
+
+
+def cmd_bench(args: argparse.Namespace) -> None:
+    from seedbed.bench import bench_train
+
+    bench_train(args.minutes, Path(args.output))
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "export-shards": cmd_export_shards,
+            "presets": cmd_presets, "bench": cmd_bench}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        COMMANDS[args.command](args)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    return 0

@@ -1,0 +1,195 @@
+"""Run configuration: dataclasses, loaded from a preset or TOML file, overridden by key=value.
+
+A run config has three sections, ``model``, ``data`` and ``train``. Component options
+(``model.mixer``, ``model.ffn``) are tables whose ``kind`` picks a registered component;
+their other keys are checked against that component's ``Options``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from seedbed.errors import UserError
+from seedbed.registry import build_dataclass, require
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 256  # set from the tokenizer when training
+    d_model: int = 256
+    n_layers: int = 6
+    max_seq_len: int = 256  # context length the model is trained and evaluated at
+    mixer: dict[str, Any] = field(default_factory=lambda: {"kind": "attention"})
+    ffn: dict[str, Any] = field(default_factory=lambda: {"kind": "mlp"})
+    linear: dict[str, Any] = field(default_factory=lambda: {"kind": "dense"})
+    norm: dict[str, Any] = field(default_factory=lambda: {"kind": "rmsnorm"})
+    tie_embeddings: bool = True
+    logit_softcap: float = 0.0  # 0 disables; else logits = c * tanh(logits / c)
+    embed_init_std: float = 0.02
+
+    def check(self, where: str) -> None:
+        for name in ("vocab_size", "d_model", "n_layers", "max_seq_len"):
+            require(getattr(self, name) > 0, f"{where}.{name} must be positive, got {getattr(self, name)}")
+        require(self.logit_softcap >= 0, f"{where}.logit_softcap must be >= 0")
+        require(self.embed_init_std > 0, f"{where}.embed_init_std must be positive")
+
+
+@dataclass
+class DataConfig:
+    spec: str = "default"  # default | pystdlib | PATH | shards:DIR
+    tokenizer: str = "bytes"  # bytes | sp | sp:PATH
+    vocab_size: int = 1024  # for a SentencePiece tokenizer trained on the train split
+
+    def check(self, where: str) -> None:
+        require(self.vocab_size > 0, f"{where}.vocab_size must be positive")
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 1337
+    batch_size: int = 16  # sequences of model.max_seq_len tokens per micro-batch per process
+    grad_accum: int = 1
+    steps: int = 0  # 0: train for `minutes` instead
+    minutes: float = 0.0
+    optimizer: str = "muon"  # muon | adamw
+    lr: float = 3e-3  # AdamW: embeddings, norms, scalars (all parameters with adamw)
+    matrix_lr: float = 0.02  # Muon: hidden weight matrices
+    momentum: float = 0.95  # Muon momentum
+    beta1: float = 0.9
+    beta2: float = 0.95
+    weight_decay: float = 0.0
+    warmup_steps: int = 20
+    schedule: str = "warmdown"  # cosine | warmdown | constant
+    warmdown_frac: float = 0.4  # warmdown: last fraction of training decays linearly to 0
+    min_lr_frac: float = 0.0
+    grad_clip: float = 1.0  # 0 disables
+    dtype: str = "auto"  # auto | fp32 | bf16 (autocast)
+    compile: bool = False
+    device: str = "auto"  # auto | cpu | cuda
+    threads: int = 0  # 0: all cores, shared between local processes
+    eval_every_seconds: float = 60.0
+    eval_tokens: int = 65536  # val tokens scored by the periodic eval (0: the whole split)
+    eval_stride: int = 0  # sliding-window stride for eval; 0: max_seq_len // 2
+    checkpoint_every_seconds: float = 60.0
+    checkpoint_every_steps: int = 0  # 0: by time only
+    log_every: int = 10
+
+    def check(self, where: str) -> None:
+        for name in ("batch_size", "grad_accum", "log_every"):
+            require(getattr(self, name) > 0, f"{where}.{name} must be positive, got {getattr(self, name)}")
+        for name in ("steps", "minutes", "lr", "matrix_lr", "warmup_steps", "grad_clip",
+                     "weight_decay", "eval_tokens", "eval_stride", "threads", "checkpoint_every_steps"):
+            require(getattr(self, name) >= 0, f"{where}.{name} must be >= 0, got {getattr(self, name)}")
+        require(self.eval_every_seconds > 0, f"{where}.eval_every_seconds must be positive")
+        require(self.checkpoint_every_seconds > 0, f"{where}.checkpoint_every_seconds must be positive")
+        require(self.optimizer in ("muon", "adamw"), f"{where}.optimizer must be muon or adamw, got {self.optimizer!r}")
+        require(self.schedule in ("cosine", "warmdown", "constant"),
+                f"{where}.schedule must be cosine, warmdown or constant, got {self.schedule!r}")
+        require(self.dtype in ("auto", "fp32", "bf16"), f"{where}.dtype must be auto, fp32 or bf16, got {self.dtype!r}")
+        require(self.device in ("auto", "cpu", "cuda"), f"{where}.device must be auto, cpu or cuda, got {self.device!r}")
+        require(0 <= self.warmdown_frac <= 1, f"{where}.warmdown_frac must be in [0, 1]")
+        require(0 <= self.min_lr_frac <= 1, f"{where}.min_lr_frac must be in [0, 1]")
+        require(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, f"{where}.beta1 and beta2 must be in [0, 1)")
+        require(0 <= self.momentum < 1, f"{where}.momentum must be in [0, 1)")
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    preset: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_toml(self) -> str:
+        return tomli_w.dumps(self.to_dict())
+
+
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
+
+
+def config_from_dict(values: dict[str, Any]) -> RunConfig:
+    """Build and check a RunConfig; unknown sections or keys are errors naming the key."""
+    values = dict(values)
+    preset = values.pop("preset", "")
+    sections = {}
+    for name, value in values.items():
+        if name not in SECTIONS:
+            raise UserError(f"unknown config section {name!r} (valid: {', '.join(SECTIONS)})")
+        if not isinstance(value, dict):
+            raise UserError(f"config section {name!r} must be a table")
+        sections[name] = value
+    built = {name: build_dataclass(cls, sections.get(name, {}), name) for name, cls in SECTIONS.items()}
+    return RunConfig(preset=str(preset), **built)
+
+
+def preset_names() -> list[str]:
+    folder = resources.files("seedbed") / "presets"
+    return sorted(p.name.removesuffix(".toml") for p in folder.iterdir() if p.name.endswith(".toml"))
+
+
+def preset_description(name: str) -> str:
+    """The first comment line of a preset file."""
+    text = (resources.files("seedbed") / "presets" / f"{name}.toml").read_text()
+    return next((line.lstrip("# ") for line in text.splitlines() if line.startswith("#")), "")
+
+
+def read_preset(name: str) -> dict[str, Any]:
+    path = resources.files("seedbed") / "presets" / f"{name}.toml"
+    if not path.is_file():
+        raise UserError(f"unknown preset {name!r} (available: {', '.join(preset_names())})")
+    values = tomllib.loads(path.read_text())
+    values["preset"] = name
+    return values
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file {path} does not exist")
+    try:
+        return tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+        raise UserError(f"config file {path} is not valid TOML: {err}") from None
+
+
+def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``section.key=value`` strings; values are TOML literals (bare words are strings)."""
+    for item in overrides:
+        if "=" not in item:
+            raise UserError(f"override {item!r} must look like section.key=value, e.g. train.lr=0.003")
+        path, raw = item.split("=", 1)
+        keys = path.strip().split(".")
+        if len(keys) < 2 or not all(keys):
+            raise UserError(f"override key {path!r} must name a section and a key, e.g. model.d_model")
+        target = values
+        for key in keys[:-1]:
+            target = target.setdefault(key, {})
+            if not isinstance(target, dict):
+                raise UserError(f"override {path!r}: {key} is not a table")
+        target[keys[-1]] = parse_value(raw.strip())
+    return values
+
+
+def parse_value(raw: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw
+
+
+def resolve_config(preset: str | None = None, config_file: str | None = None,
+                   overrides: list[str] | None = None) -> RunConfig:
+    if preset and config_file:
+        raise UserError("give either --preset or --config, not both")
+    values = read_config_file(config_file) if config_file else read_preset(preset or "gpt")
+    return config_from_dict(apply_overrides(values, overrides or []))

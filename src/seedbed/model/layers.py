@@ -1,0 +1,81 @@
+"""Building pieces every block uses: linears and norms, looked up by kind.
+
+Components never construct ``nn.Linear`` directly: they call ``ctx.linear(...)`` so a
+config can swap every weight matrix for another kind (ternary, seed-generated, ...).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from seedbed.registry import LINEARS, NORMS
+
+
+@LINEARS.register("dense")
+class DenseLinear(nn.Module):
+    """A plain float weight matrix, ``y = x W^T``, no bias."""
+
+    @dataclass
+    class Options:
+        init_std: float = 0.0  # 0: 1/sqrt(in_features)
+
+    def __init__(self, in_features: int, out_features: int, options: Options, zero_init: bool = False):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        std = options.init_std or 1.0 / math.sqrt(in_features)
+        with torch.no_grad():
+            if zero_init:
+                self.weight.zero_()
+            else:
+                # Truncated so that no single weight starts far out in the tail.
+                nn.init.trunc_normal_(self.weight, std=std, a=-3 * std, b=3 * std)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight.to(x.dtype))
+
+
+@NORMS.register("rmsnorm")
+class RMSNorm(nn.Module):
+    """Root-mean-square norm with an optional learnable gain."""
+
+    @dataclass
+    class Options:
+        eps: float = 1e-6
+        learnable: bool = True
+
+    def __init__(self, dim: int, options: Options):
+        super().__init__()
+        self.eps = options.eps
+        self.weight = nn.Parameter(torch.ones(dim)) if options.learnable else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = None if self.weight is None else self.weight.to(x.dtype)
+        return F.rms_norm(x, (x.shape[-1],), weight, self.eps)
+
+
+@dataclass
+class BuildContext:
+    """What a component needs to know about the model it is built into."""
+
+    d_model: int
+    n_layers: int
+    layer_index: int
+    max_seq_len: int
+    linear_spec: dict[str, Any]
+    norm_spec: dict[str, Any]
+
+    def linear(self, in_features: int, out_features: int, zero_init: bool = False,
+               spec: dict[str, Any] | None = None) -> nn.Module:
+        entry, options = LINEARS.options(spec or self.linear_spec, "model.linear")
+        return entry.cls(in_features, out_features, options, zero_init=zero_init)
+
+    def norm(self, dim: int) -> nn.Module:
+        entry, options = NORMS.options(self.norm_spec, "model.norm")
+        return entry.cls(dim, options)

@@ -1,0 +1,145 @@
+"""The decoder language model: embedding, a stack of (mixer, feed-forward) blocks, head.
+
+``forward`` scores a whole sequence in parallel; ``init_state`` + ``step`` extend it
+incrementally with each mixer's cache or recurrent state, and ``generate`` samples.
+Logits are always returned in float32, so every consumer normalises the same way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# Importing the component modules registers them.
+from seedbed.model import attention, mlp  # noqa: F401
+from seedbed.config import ModelConfig
+from seedbed.model.layers import BuildContext
+from seedbed.registry import FFNS, MIXERS, require
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + mixer(norm(x)), then x + ffn(norm(x), tokens)."""
+
+    def __init__(self, cfg: ModelConfig, ctx: BuildContext):
+        super().__init__()
+        mixer_entry, mixer_options = MIXERS.options(cfg.mixer, "model.mixer")
+        ffn_entry, ffn_options = FFNS.options(cfg.ffn, "model.ffn")
+        self.mixer_norm = ctx.norm(cfg.d_model)
+        self.mixer = mixer_entry.cls(mixer_options, ctx)
+        self.ffn_norm = ctx.norm(cfg.d_model)
+        self.ffn = ffn_entry.cls(ffn_options, ctx)
+
+    def forward(self, x: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        x = x + self.mixer(self.mixer_norm(x))
+        return x + self.ffn(self.ffn_norm(x), tokens)
+
+    def step(self, x: torch.Tensor, tokens: torch.Tensor, state) -> tuple[torch.Tensor, object]:
+        y, state = self.mixer.step(self.mixer_norm(x), state)
+        x = x + y
+        return x + self.ffn(self.ffn_norm(x), tokens), state
+
+
+class LM(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        nn.init.normal_(self.embed.weight, std=cfg.embed_init_std)
+        self.blocks = nn.ModuleList(
+            Block(cfg, BuildContext(cfg.d_model, cfg.n_layers, i, cfg.max_seq_len, cfg.linear, cfg.norm))
+            for i in range(cfg.n_layers)
+        )
+        head_ctx = BuildContext(cfg.d_model, cfg.n_layers, cfg.n_layers, cfg.max_seq_len, cfg.linear, cfg.norm)
+        self.final_norm = head_ctx.norm(cfg.d_model)
+        # The output head stays dense whatever the linear kind: it is small and sensitive.
+        self.head = None if cfg.tie_embeddings else head_ctx.linear(cfg.d_model, cfg.vocab_size, spec={"kind": "dense"})
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        h = self.final_norm(h)
+        logits = F.linear(h, self.embed.weight.to(h.dtype)) if self.head is None else self.head(h)
+        logits = logits.float()
+        if self.cfg.logit_softcap > 0:
+            cap = self.cfg.logit_softcap
+            logits = cap * torch.tanh(logits / cap)
+        return logits
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Float32 logits (B, T, V) for next-token prediction at every position."""
+        x = self.embed(tokens)
+        for block in self.blocks:
+            x = block(x, tokens)
+        return self.logits(x)
+
+    def log_probs(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Normalised log-probabilities (B, T, V) of the next token; what evaluation scores."""
+        return self(tokens).log_softmax(dim=-1)
+
+    def loss(self, tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        logits = self(tokens)
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+
+    def init_state(self, batch: int, max_len: int) -> list:
+        param = self.embed.weight
+        return [block.mixer.init_state(batch, max_len, param.device, param.dtype) for block in self.blocks]
+
+    def step(self, tokens: torch.Tensor, state: list) -> tuple[torch.Tensor, list]:
+        """Extend the sequence by ``tokens`` (B, t); returns their logits (B, t, V)."""
+        x = self.embed(tokens)
+        new_state = []
+        for block, block_state in zip(self.blocks, state):
+            x, block_state = block.step(x, tokens, block_state)
+            new_state.append(block_state)
+        return self.logits(x), new_state
+
+    @torch.no_grad()
+    def generate(self, prompt: list[int], max_new_tokens: int, temperature: float = 1.0, top_k: int = 0,
+                 top_p: float = 1.0, generator: torch.Generator | None = None) -> Iterator[int]:
+        """Yield sampled token ids one at a time, using the incremental state.
+
+        When the context fills up, the state is rebuilt from the last half-context of tokens.
+        """
+        require(len(prompt) > 0, "the prompt must contain at least one token")
+        require(temperature >= 0, f"temperature must be >= 0, got {temperature}")
+        require(top_k >= 0, f"top-k must be >= 0, got {top_k}")
+        require(0 < top_p <= 1, f"top-p must be in (0, 1], got {top_p}")
+        device = self.embed.weight.device
+        window = self.cfg.max_seq_len
+        history = list(prompt)[-window:]
+        state = self.init_state(1, window)
+        logits, state = self.step(torch.tensor([history], device=device), state)
+        for _ in range(max_new_tokens):
+            token = sample(logits[0, -1], temperature, top_k, top_p, generator)
+            yield token
+            history.append(token)
+            if len(history) >= window:
+                history = history[-(window // 2):]
+                state = self.init_state(1, window)
+                logits, state = self.step(torch.tensor([history], device=device), state)
+            else:
+                logits, state = self.step(torch.tensor([[token]], device=device), state)
+
+
+def sample(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
+           generator: torch.Generator | None) -> int:
+    """Draw one token from float logits (V,) with temperature, top-k and nucleus filtering."""
+    if temperature == 0:
+        return int(logits.argmax())
+    logits = logits.float() / temperature
+    if 0 < top_k < logits.numel():
+        kth = torch.topk(logits, top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = logits.softmax(-1)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(descending=True)
+        # Keep the smallest prefix whose mass reaches top_p (always at least one token).
+        outside = sorted_probs.cumsum(-1) - sorted_probs >= top_p
+        sorted_probs[outside] = 0
+        probs = torch.zeros_like(probs).scatter(0, order, sorted_probs)
+    return int(torch.multinomial(probs.cpu(), 1, generator=generator))
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

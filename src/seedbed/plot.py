@@ -1,0 +1,35 @@
+"""The loss / bpb curve of a run, drawn from its metrics.jsonl."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from seedbed.fileio import atomic_write_bytes  # noqa: E402
+
+
+def plot_curves(metrics_path: Path, out_path: Path) -> None:
+    records = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line.strip()]
+    train = [(r["step"], r["train_bpb"]) for r in records if "train_bpb" in r]
+    val = [(r["step"], r.get("val_bpb", r.get("val_bpb_partial"))) for r in records
+           if "val_bpb" in r or "val_bpb_partial" in r]
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    if train:
+        ax.plot(*zip(*train), label="train (bits per byte)", linewidth=1)
+    if val:
+        ax.plot(*zip(*val), "o-", label="val bpb", markersize=3)
+    ax.set_xlabel("step")
+    ax.set_ylabel("bits per byte")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    atomic_write_bytes(out_path, buffer.getvalue())

@@ -1,0 +1,84 @@
+"""Loading a trained run for evaluation and generation: ``seedbed.load(path)``."""
+
+from __future__ import annotations
+
+import codecs
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from seedbed.config import RunConfig, config_from_dict, read_config_file
+from seedbed.data import load_documents, split_documents, tokenizer_from_proto
+from seedbed.errors import UserError
+from seedbed.eval import EvalResult, evaluate_bpb
+from seedbed.model import LM
+from seedbed.train.checkpoint import CHECKPOINT_NAME, load_checkpoint
+
+
+@dataclass
+class LoadedModel:
+    model: LM
+    config: RunConfig
+    tokenizer: object
+    path: Path
+
+    def encode(self, data: bytes) -> np.ndarray:
+        return self.tokenizer.encode(data)
+
+    def stream(self, prompt: str, tokens: int = 200, temperature: float = 1.0, top_k: int = 0,
+               top_p: float = 1.0, seed: int | None = None) -> Iterator[str]:
+        """Yield generated text piece by piece, decoding UTF-8 incrementally."""
+        prompt_ids = [int(t) for t in self.encode(prompt.encode("utf-8"))]
+        if not prompt_ids:
+            raise UserError("the prompt is empty; give at least one character")
+        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        for token in self.model.generate(prompt_ids, tokens, temperature, top_k, top_p, generator):
+            piece = decoder.decode(self.tokenizer.decode([token]))
+            if piece:
+                yield piece
+        tail = decoder.decode(b"", final=True)
+        if tail:
+            yield tail
+
+    def generate(self, prompt: str, tokens: int = 200, **kwargs) -> str:
+        return "".join(self.stream(prompt, tokens, **kwargs))
+
+    def evaluate(self, data: bytes, stride: int = 0, batch_size: int = 16) -> EvalResult:
+        """Honest bpb of a byte string (a whole text scored left to right)."""
+        tokens = self.encode(data)
+        return evaluate_bpb(self.model, tokens, len(data), self.config.model.max_seq_len, stride,
+                            batch_size=batch_size)
+
+    def evaluate_split(self, spec: str, split: str, stride: int = 0) -> EvalResult:
+        """bpb on one split of a corpus, encoded with this model's own tokenizer."""
+        train, val, test = split_documents(load_documents(spec))
+        docs = {"train": train, "val": val, "test": test}[split]
+        tokens = np.concatenate([self.encode(doc.data) for doc in docs])
+        return evaluate_bpb(self.model, tokens, sum(len(doc.data) for doc in docs),
+                            self.config.model.max_seq_len, stride)
+
+
+def load(path: str | Path) -> LoadedModel:
+    """Load a run folder (its config, tokenizer and latest checkpoint) onto the CPU."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path} does not exist")
+    if not path.is_dir():
+        raise UserError(f"{path} is not a run folder")
+    if not (path / "config.toml").is_file() or not (path / CHECKPOINT_NAME).is_file():
+        raise UserError(f"{path} is not a finished run folder (needs config.toml and {CHECKPOINT_NAME})")
+    cfg = config_from_dict(read_config_file(path / "config.toml"))
+    tensors, _ = load_checkpoint(path / CHECKPOINT_NAME)
+    model = LM(cfg.model)
+    state = {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise UserError(f"checkpoint in {path} does not fit its config.toml")
+    model.eval()
+    proto_path = path / "tokenizer.model"
+    tokenizer = tokenizer_from_proto(proto_path.read_bytes() if proto_path.is_file() else None)
+    return LoadedModel(model, cfg, tokenizer, path)

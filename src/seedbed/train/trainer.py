@@ -1,0 +1,354 @@
+"""The training loop: one process or several (torchrun), CPU or GPU, by steps or by minutes.
+
+A run folder holds ``config.toml`` (resolved), ``metrics.jsonl``, ``curve.png``,
+``checkpoint.safetensors`` and, for SentencePiece, ``tokenizer.model``. The wall-clock
+budget counts training steps only; evaluation and checkpointing are not charged to it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from seedbed.config import RunConfig
+from seedbed.data import load_dataset
+from seedbed.errors import UserError
+from seedbed.eval import evaluate_bpb
+from seedbed.fileio import atomic_write_bytes, atomic_write_text
+from seedbed.model import LM, count_parameters
+from seedbed.perf import matmul_peak, training_flops_per_token
+from seedbed.plot import plot_curves
+from seedbed.train.checkpoint import (CHECKPOINT_NAME, load_checkpoint, optimizer_tensors, restore_optimizers,
+                                      save_checkpoint)
+from seedbed.train.optim import build_optimizers, lr_multiplier
+
+
+class TrainingDiverged(UserError):
+    """The loss became NaN or infinite; the last good checkpoint is left as it was."""
+
+
+@dataclass
+class Distributed:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    local_world: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def from_env(cls) -> "Distributed":
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        return cls(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")),
+                   int(os.environ.get("LOCAL_WORLD_SIZE", str(world))))
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    steps: int
+    tokens: int
+    train_seconds: float
+    val_bpb: float
+    tokens_per_second: float
+    mfu: float | None
+    params: int
+
+
+def pick_device(name: str, dist_info: Distributed) -> torch.device:
+    if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise UserError("train.device=cuda but no CUDA device is available")
+        return torch.device("cuda", dist_info.local_rank)
+    return torch.device("cpu")
+
+
+def pick_autocast(name: str, device: torch.device) -> torch.dtype | None:
+    """bf16 autocast where it pays: measured faster on CPUs with bf16 matmul units and on GPUs."""
+    if name == "fp32":
+        return None
+    if name == "bf16":
+        return torch.bfloat16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+    return torch.bfloat16 if cpu_has_fast_bf16() else None
+
+
+def cpu_has_fast_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(flag in flags for flag in (" avx512_bf16", " amx_bf16"))
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, run_dir: Path, resume: bool = False, progress: bool = True):
+        self.cfg, self.run_dir = cfg, Path(run_dir)
+        self.dist = Distributed.from_env()
+        self.progress = progress and self.dist.main
+        tcfg = cfg.train
+        if tcfg.steps == 0 and tcfg.minutes == 0:
+            raise UserError("set how long to train: --steps N or --minutes M (train.steps / train.minutes)")
+        checkpoint_path = self.run_dir / CHECKPOINT_NAME
+        if resume and not checkpoint_path.is_file():
+            raise UserError(f"cannot resume: {self.run_dir} has no {CHECKPOINT_NAME}")
+        # Load the checkpoint before anything is set up, so a bad file fails fast.
+        self.checkpoint = load_checkpoint(checkpoint_path) if resume else None
+
+        self.device = pick_device(tcfg.device, self.dist)
+        threads = tcfg.threads or max(1, (os.cpu_count() or 1) // self.dist.local_world)
+        torch.set_num_threads(threads)
+        if self.dist.world > 1 and not dist.is_initialized():
+            if self.device.type == "cuda":
+                torch.cuda.set_device(self.device)
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+        self.autocast_dtype = pick_autocast(tcfg.dtype, self.device)
+
+        # Rank 0 fills the data cache first so the ranks don't race to download it.
+        if not self.dist.main:
+            dist.barrier()
+        self.data = load_dataset(cfg.data.spec, cfg.data.tokenizer, cfg.data.vocab_size)
+        if self.dist.main and self.dist.world > 1:
+            dist.barrier()
+        cfg.model.vocab_size = self.data.tokenizer.vocab_size
+        context = cfg.model.max_seq_len
+        if len(self.data.train.tokens) < context + 2:
+            raise UserError(f"the training split has {len(self.data.train.tokens)} tokens, fewer than one "
+                            f"context of {context} + 1; use a bigger corpus or a smaller model.max_seq_len")
+        if len(self.data.val.tokens) < 2:
+            raise UserError("the validation split is empty; use a bigger corpus")
+        self.train_tokens = torch.from_numpy(np.asarray(self.data.train.tokens, dtype=np.int32))
+
+        torch.manual_seed(tcfg.seed)
+        self.model = LM(cfg.model).to(self.device)
+        self.optimizers = build_optimizers(self.model, tcfg)
+        self.data_rng = torch.Generator().manual_seed(tcfg.seed)
+        self.step, self.tokens_seen, self.train_seconds = 0, 0, 0.0
+        self.last_val_bpb = float("nan")
+        if self.checkpoint is not None:
+            self.restore(*self.checkpoint)
+            self.checkpoint = None
+        self.forward_model = torch.compile(self.model) if tcfg.compile else self.model
+        if self.dist.world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+            self.forward_model = DistributedDataParallel(self.forward_model)
+        self.flops_per_token = training_flops_per_token(self.model, context)
+        self.peak = matmul_peak(self.device, self.autocast_dtype or torch.float32)
+        if self.dist.main:
+            self.write_run_files(resume)
+
+    # -- run folder -------------------------------------------------------------------
+    def write_run_files(self, resume: bool) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.run_dir / "config.toml", self.cfg.to_toml())
+        proto = self.data.tokenizer.model_proto
+        if proto is not None:
+            atomic_write_bytes(self.run_dir / "tokenizer.model", proto)
+        metrics = self.run_dir / "metrics.jsonl"
+        if resume and metrics.exists():
+            # Drop what the interrupted run logged after its last checkpoint.
+            kept = [line for line in metrics.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= self.step]
+            atomic_write_text(metrics, "".join(line + "\n" for line in kept))
+        elif not resume:
+            atomic_write_text(metrics, "")
+
+    def log(self, record: dict) -> None:
+        if self.dist.main:
+            with open(self.run_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    # -- checkpoints ------------------------------------------------------------------
+    def save(self) -> None:
+        if not self.dist.main:
+            return
+        tensors = {f"model.{k}": v for k, v in self.model.state_dict().items()}
+        opt_tensors, groups = optimizer_tensors(self.optimizers)
+        tensors.update(opt_tensors)
+        tensors["rng.torch"] = torch.get_rng_state()
+        tensors["rng.data"] = self.data_rng.get_state()
+        meta = {"step": self.step, "tokens_seen": self.tokens_seen, "train_seconds": self.train_seconds,
+                "last_val_bpb": self.last_val_bpb, "world": self.dist.world, "optimizer_groups": groups,
+                "config": self.cfg.to_dict()}
+        save_checkpoint(self.run_dir / CHECKPOINT_NAME, tensors, meta)
+
+    def restore(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        model_state = {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}
+        missing, unexpected = self.model.load_state_dict(model_state, strict=False)
+        if missing or unexpected:
+            raise UserError(f"checkpoint does not fit the model (missing {list(missing)[:3]}, "
+                            f"unexpected {list(unexpected)[:3]}); was the config changed?")
+        restore_optimizers(self.optimizers, tensors, meta["optimizer_groups"])
+        torch.set_rng_state(tensors["rng.torch"])
+        self.data_rng.set_state(tensors["rng.data"])
+        self.step, self.tokens_seen = meta["step"], meta["tokens_seen"]
+        self.train_seconds, self.last_val_bpb = meta["train_seconds"], meta["last_val_bpb"]
+
+    # -- the loop ---------------------------------------------------------------------
+    def batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Random windows; every rank draws the same offsets and keeps its own slice."""
+        tcfg, context = self.cfg.train, self.cfg.model.max_seq_len
+        offsets = torch.randint(0, len(self.train_tokens) - context - 1,
+                                (tcfg.batch_size * self.dist.world,), generator=self.data_rng)
+        offsets = offsets[self.dist.rank * tcfg.batch_size:(self.dist.rank + 1) * tcfg.batch_size]
+        windows = self.train_tokens[offsets[:, None] + torch.arange(context + 1)].long().to(self.device)
+        return windows[:, :-1], windows[:, 1:]
+
+    def progress_fraction(self) -> float:
+        tcfg = self.cfg.train
+        if tcfg.steps:
+            return self.step / tcfg.steps
+        return self.train_seconds / (tcfg.minutes * 60)
+
+    def done(self) -> bool:
+        return self.progress_fraction() >= 1.0
+
+    def autocast(self):
+        if self.autocast_dtype is None:
+            return nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
+
+    def train_step(self) -> float:
+        tcfg = self.cfg.train
+        multiplier = lr_multiplier(self.progress_fraction(), self.step, tcfg)
+        for opt in self.optimizers:
+            for group in opt.param_groups:
+                group["lr"] = group["initial_lr"] * multiplier
+        total = torch.zeros((), device=self.device)
+        for micro in range(tcfg.grad_accum):
+            inputs, targets = self.batch()
+            sync = micro == tcfg.grad_accum - 1 or self.dist.world == 1
+            no_sync = self.forward_model.no_sync if not sync else nullcontext
+            with no_sync():
+                with self.autocast():
+                    logits = self.forward_model(inputs)
+                    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+                (loss / tcfg.grad_accum).backward()
+            total += loss.detach() / tcfg.grad_accum
+        if self.dist.world > 1:
+            dist.all_reduce(total, op=dist.ReduceOp.AVG)
+        loss_value = total.item()
+        if not math.isfinite(loss_value):
+            raise TrainingDiverged(f"the loss became {loss_value} at step {self.step + 1}; the last good "
+                                   f"checkpoint in {self.run_dir} is left intact (try a lower train.lr / train.matrix_lr)")
+        if tcfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), tcfg.grad_clip)
+        for opt in self.optimizers:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        self.step += 1
+        self.tokens_seen += tcfg.batch_size * tcfg.grad_accum * self.cfg.model.max_seq_len * self.dist.world
+        return loss_value
+
+    def evaluate(self, max_tokens: int = 0):
+        split = self.data.val
+        tokens = split.tokens if not max_tokens else split.tokens[:max_tokens]
+        n_bytes = split.n_bytes if len(tokens) == len(split.tokens) else len(self.data.tokenizer.decode(tokens))
+        return evaluate_bpb(self.model, tokens, n_bytes, self.cfg.model.max_seq_len, self.cfg.train.eval_stride,
+                            batch_size=self.cfg.train.batch_size, device=self.device,
+                            autocast_dtype=self.autocast_dtype)
+
+    def sync_clock(self) -> None:
+        """All ranks follow rank 0's clock, so they agree on the lr and on when to stop."""
+        if self.dist.world > 1:
+            clock = torch.tensor([self.train_seconds], dtype=torch.float64)
+            dist.broadcast(clock, 0)
+            self.train_seconds = clock.item()
+
+    def run(self) -> TrainResult:
+        tcfg = self.cfg.train
+        total = tcfg.steps or tcfg.minutes * 60
+        bar = tqdm(total=total, initial=self.step if tcfg.steps else self.train_seconds, disable=not self.progress,
+                   unit="step" if tcfg.steps else "s", dynamic_ncols=True,
+                   bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} {unit} [{elapsed}<{remaining}{postfix}]")
+        bytes_per_token = self.data.train.n_bytes / max(1, len(self.data.train.tokens))
+        last_eval = last_save = time.perf_counter()
+        window_tokens, window_seconds = 0, 0.0
+        while not self.done():
+            t0 = time.perf_counter()
+            tokens_before = self.tokens_seen
+            loss = self.train_step()
+            if self.device.type == "cuda":
+                torch.cuda.synchronize()
+            elapsed = time.perf_counter() - t0
+            self.train_seconds += elapsed
+            self.sync_clock()
+            window_tokens += self.tokens_seen - tokens_before
+            window_seconds += elapsed
+            bar.update(1 if tcfg.steps else elapsed)
+            if self.step % tcfg.log_every == 0 or self.done():
+                tok_s = window_tokens / window_seconds
+                record = {"step": self.step, "train_loss": loss,
+                          "train_bpb": loss / math.log(2) / bytes_per_token,
+                          "lr_mult": lr_multiplier(self.progress_fraction(), self.step, tcfg),
+                          "tokens": self.tokens_seen, "train_seconds": round(self.train_seconds, 3),
+                          "tokens_per_second": tok_s, "mfu": self.mfu(tok_s)}
+                self.log(record)
+                bar.set_postfix_str(f"loss {loss:.3f} | {tok_s:,.0f} tok/s | val bpb {self.last_val_bpb:.3f}")
+                window_tokens, window_seconds = 0, 0.0
+            now = time.perf_counter()
+            if now - last_eval >= tcfg.eval_every_seconds and not self.done():
+                self.periodic_eval()
+                last_eval = time.perf_counter()
+            if (tcfg.checkpoint_every_steps and self.step % tcfg.checkpoint_every_steps == 0) or \
+                    (not tcfg.checkpoint_every_steps and now - last_save >= tcfg.checkpoint_every_seconds):
+                self.save()
+                last_save = time.perf_counter()
+        bar.close()
+        return self.finish()
+
+    def periodic_eval(self) -> None:
+        if self.dist.main:
+            result = self.evaluate(self.cfg.train.eval_tokens)
+            self.last_val_bpb = result.bpb
+            self.log({"step": self.step, "val_bpb_partial": result.bpb, "val_tokens": result.tokens})
+        if self.dist.world > 1:
+            dist.barrier()
+
+    def mfu(self, tokens_per_second: float) -> float | None:
+        if not self.peak:
+            return None
+        return tokens_per_second * self.flops_per_token / self.peak / self.dist.world
+
+    def check_ranks_in_sync(self) -> bool:
+        """Every rank must hold bit-identical weights; returns True on one process."""
+        if self.dist.world == 1:
+            return True
+        checksum = torch.tensor([sum(float(p.double().sum()) for p in self.model.parameters())], dtype=torch.float64)
+        gathered = [torch.zeros_like(checksum) for _ in range(self.dist.world)]
+        dist.all_gather(gathered, checksum)
+        return all(torch.equal(g, gathered[0]) for g in gathered)
+
+    def finish(self) -> TrainResult:
+        in_sync = self.check_ranks_in_sync()
+        if not in_sync:
+            raise RuntimeError("ranks diverged: their weights differ after training")
+        val_bpb = float("nan")
+        if self.dist.main:
+            result = self.evaluate()
+            val_bpb = self.last_val_bpb = result.bpb
+            tok_s = self.tokens_seen / max(self.train_seconds, 1e-9)
+            self.log({"step": self.step, "val_bpb": val_bpb, "val_tokens": result.tokens, "val_bytes": result.n_bytes,
+                      "tokens_per_second_mean": tok_s, "mfu_mean": self.mfu(tok_s), "ranks_in_sync": in_sync,
+                      "world": self.dist.world, "params": count_parameters(self.model)})
+            self.save()
+            plot_curves(self.run_dir / "metrics.jsonl", self.run_dir / "curve.png")
+        if self.dist.world > 1:
+            dist.barrier()
+            dist.destroy_process_group()
+        tok_s = self.tokens_seen / max(self.train_seconds, 1e-9)
+        return TrainResult(self.run_dir, self.step, self.tokens_seen, self.train_seconds, val_bpb, tok_s,
+                           self.mfu(tok_s), count_parameters(self.model))
