@@ -1,0 +1,172 @@
+"""Training end to end: resume exactness, survival of SIGKILL, DDP, divergence, the CLI."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from seedbed.config import resolve_config
+from seedbed.data import load_documents
+from seedbed.errors import UserError
+from seedbed.train.checkpoint import load_checkpoint
+from seedbed.train.trainer import Trainer, TrainingDiverged
+
+TINY = ["model.d_model=32", "model.n_layers=2", "model.max_seq_len=32", "model.mixer.n_heads=2",
+        "train.batch_size=4", "train.eval_tokens=2000", "train.log_every=2", "train.warmup_steps=2",
+        "train.dtype=fp32", "train.threads=1"]
+
+
+@pytest.fixture(scope="session")
+def small_corpus(tmp_path_factory) -> Path:
+    """Six real Shakespeare texts cut to 12 kB each: quick to train and to score."""
+    folder = tmp_path_factory.mktemp("corpus")
+    for doc in load_documents("default")[:6]:
+        (folder / doc.name).write_bytes(doc.data[:12000])
+    return folder
+
+
+def tiny_config(corpus: Path, *extra: str):
+    return resolve_config("gpt", overrides=TINY + [f'data.spec="{corpus}"', *extra])
+
+
+def seedbed(*args: str, timeout: float = 300, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "seedbed", *args], capture_output=True, text=True,
+                          timeout=timeout, **kwargs)
+
+
+def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    tensors, _ = load_checkpoint(run_dir / "checkpoint.safetensors")
+    return {k: v for k, v in tensors.items() if k.startswith("model.")}
+
+
+def test_resume_continues_exactly(small_corpus, tmp_path, monkeypatch):
+    cfg = lambda: tiny_config(small_corpus, "train.steps=12", "train.checkpoint_every_steps=5")
+    straight = Trainer(cfg(), tmp_path / "straight", progress=False).run()
+
+    interrupted = Trainer(cfg(), tmp_path / "split", progress=False)
+    real_step = interrupted.train_step
+
+    def crash_at_step_8():
+        if interrupted.step == 7:
+            raise KeyboardInterrupt
+        return real_step()
+
+    interrupted.train_step = crash_at_step_8
+    with pytest.raises(KeyboardInterrupt):
+        interrupted.run()
+    assert load_checkpoint(tmp_path / "split" / "checkpoint.safetensors")[1]["step"] == 5
+    resumed = Trainer(cfg(), tmp_path / "split", resume=True, progress=False).run()
+    assert resumed.steps == straight.steps == 12
+    a, b = final_weights(tmp_path / "straight"), final_weights(tmp_path / "split")
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    assert resumed.val_bpb == straight.val_bpb
+
+
+def test_sigkill_mid_run_loses_only_steps_since_checkpoint(small_corpus, tmp_path):
+    run = tmp_path / "killed"
+    args = ["train", "--out", str(run), "--steps", "400", "--data", str(small_corpus), "--no-progress",
+            "train.checkpoint_every_steps=10", *TINY]
+    proc = subprocess.Popen([sys.executable, "-m", "seedbed", *args], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    checkpoint = run / "checkpoint.safetensors"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if checkpoint.exists() and load_checkpoint(checkpoint)[1]["step"] >= 30:
+            break
+        assert proc.poll() is None, proc.stderr.read().decode()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    saved_step = load_checkpoint(checkpoint)[1]["step"]
+    logged = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert 30 <= saved_step < 400 and max(logged) - saved_step < 10 + 2  # at most the steps since the checkpoint
+
+    shutil.copytree(run, tmp_path / "reference")  # resume the same checkpoint twice: deterministic
+    out = seedbed("train", "--resume", str(run), "--no-progress")
+    assert out.returncode == 0, out.stderr
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in records if "train_loss" in r]
+    assert steps == sorted(steps) and len(steps) == len(set(steps)), "the resumed log repeats or skips steps"
+    assert steps[-1] == 400 and records[-1]["val_bpb"] < 8
+    again = seedbed("train", "--resume", str(tmp_path / "reference"), "--no-progress")
+    assert again.returncode == 0, again.stderr
+    a, b = final_weights(run), final_weights(tmp_path / "reference")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(small_corpus, tmp_path, monkeypatch):
+    trainer = Trainer(tiny_config(small_corpus, "train.steps=20", "train.checkpoint_every_steps=5"),
+                      tmp_path / "run", progress=False)
+    real_forward = trainer.forward_model
+
+    def poisoned(tokens):
+        logits = real_forward(tokens)
+        return logits * float("nan") if trainer.step >= 7 else logits
+
+    trainer.forward_model = poisoned
+    with pytest.raises(TrainingDiverged, match="loss became nan at step 8"):
+        trainer.run()
+    tensors, meta = load_checkpoint(tmp_path / "run" / "checkpoint.safetensors")
+    assert meta["step"] == 5
+    assert all(torch.isfinite(t).all() for k, t in tensors.items() if k.startswith("model."))
+
+
+def test_resume_without_checkpoint_is_an_error(small_corpus, tmp_path):
+    with pytest.raises(UserError, match="has no checkpoint.safetensors"):
+        Trainer(tiny_config(small_corpus, "train.steps=2"), tmp_path / "empty", resume=True)
+
+
+@pytest.mark.skipif(shutil.which("torchrun") is None and not (Path(sys.executable).parent / "torchrun").exists(),
+                    reason="torchrun not installed")
+def test_ddp_two_processes_stay_in_sync(small_corpus, tmp_path):
+    torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
+    run = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", "-m", "seedbed", "train",
+                          "--out", str(run), "--steps", "6", "--data", str(small_corpus), "--no-progress", *TINY],
+                         capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    final = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    assert final["world"] == 2 and final["ranks_in_sync"] is True
+    # Two ranks see twice the tokens of one process with the same per-rank batch.
+    assert final["step"] == 6 and out.stdout.count("val bpb") == 1
+    assert "tokens 1,536" in out.stdout  # 6 steps x 2 ranks x 4 sequences x 32 tokens
+
+
+def test_cli_train_eval_generate_on_default_corpus(tmp_path):
+    run = tmp_path / "e2e"
+    out = seedbed("train", "--preset", "gpt", "--steps", "6", "--out", str(run), "--no-progress",
+                  "model.d_model=64", "model.n_layers=2", "model.max_seq_len=64", "train.batch_size=8",
+                  "train.eval_stride=64")
+    assert out.returncode == 0, out.stderr
+    assert "val bpb" in out.stdout and "42 docs" in out.stderr
+    for name in ("config.toml", "metrics.jsonl", "curve.png", "checkpoint.safetensors"):
+        assert (run / name).is_file(), name
+    val_bpb = float(out.stdout.split("val bpb ")[1].split()[0])
+    assert 2.0 < val_bpb < 8.5  # six steps: better than uniform bytes, far from trained
+
+    scored = seedbed("eval", str(run), "--stride", "64")
+    assert scored.returncode == 0, scored.stderr
+    assert f"bpb {val_bpb:.4f}" in scored.stdout  # the same number as the trainer's final eval
+    test_split = seedbed("eval", str(run), "--split", "test", "--stride", "64")
+    assert test_split.returncode == 0 and "[test]" in test_split.stdout
+
+    text = tmp_path / "t.txt"
+    text.write_text("To be, or not to be, that is the question.\n" * 20)
+    on_file = seedbed("eval", str(run), "--text", str(text))
+    assert on_file.returncode == 0 and f"bytes {text.stat().st_size:,}" in on_file.stdout
+
+    sample = seedbed("generate", str(run), "--prompt", "ROMEO.", "--tokens", "40", "--seed", "3")
+    assert sample.returncode == 0, sample.stderr
+    assert sample.stdout.startswith("ROMEO.") and len(sample.stdout) > len("ROMEO.") + 10
+    again = seedbed("generate", str(run), "--prompt", "ROMEO.", "--tokens", "40", "--seed", "3")
+    assert again.stdout == sample.stdout
