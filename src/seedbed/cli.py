@@ -162,7 +162,10 @@ def cmd_export_shards(args: argparse.Namespace) -> None:
     from seedbed.data import export_shards
 
     summary = export_shards(args.data, args.out, args.tokenizer, args.vocab_size)
-    print(summary)
+    print(f"{summary['description']} -> {summary['out_dir']}")
+    for name, split in summary["splits"].items():
+        print(f"  {name}: {split['tokens']:,} tokens ({split['bytes']:,} bytes) in {', '.join(split['files'])}")
+    print(f"train on them with: seedbed train --data shards:{summary['out_dir']}")
 
 
 def cmd_presets(args: argparse.Namespace) -> None:

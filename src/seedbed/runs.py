@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from seedbed.config import RunConfig, config_from_dict, read_config_file
-from seedbed.data import load_documents, split_documents, tokenizer_from_proto
+from seedbed.data import load_dataset, load_documents, split_documents, tokenizer_from_proto
 from seedbed.errors import UserError
 from seedbed.eval import EvalResult, evaluate_bpb
 from seedbed.model import LM
@@ -55,6 +55,9 @@ class LoadedModel:
 
     def evaluate_split(self, spec: str, split: str, stride: int = 0) -> EvalResult:
         """bpb on one split of a corpus, encoded with this model's own tokenizer."""
+        if spec.startswith("shards:"):  # already tokens: the shards' own tokenizer counts the bytes
+            chosen = getattr(load_dataset(spec, self.config.data.tokenizer, self.config.data.vocab_size), split)
+            return evaluate_bpb(self.model, chosen.tokens, chosen.n_bytes, self.config.model.max_seq_len, stride)
         train, val, test = split_documents(load_documents(spec))
         docs = {"train": train, "val": val, "test": test}[split]
         tokens = np.concatenate([self.encode(doc.data) for doc in docs])

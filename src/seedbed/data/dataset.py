@@ -10,7 +10,6 @@ from typing import Any
 import numpy as np
 
 from seedbed.errors import UserError
-
 from seedbed.fileio import atomic_write
 
 from .cache import cache_dir
