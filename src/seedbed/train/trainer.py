@@ -254,12 +254,14 @@ class Trainer:
         return loss_value
 
     def evaluate(self, max_tokens: int = 0):
+        """val bpb; a partial eval (``max_tokens``) runs in the training dtype, the full one in fp32,
+        so the final number is the one ``seedbed eval`` reproduces."""
         split = self.data.val
         tokens = split.tokens if not max_tokens else split.tokens[:max_tokens]
         n_bytes = split.n_bytes if len(tokens) == len(split.tokens) else len(self.data.tokenizer.decode(tokens))
         return evaluate_bpb(self.model, tokens, n_bytes, self.cfg.model.max_seq_len, self.cfg.train.eval_stride,
                             batch_size=self.cfg.train.batch_size, device=self.device,
-                            autocast_dtype=self.autocast_dtype)
+                            autocast_dtype=self.autocast_dtype if max_tokens else None)
 
     def sync_clock(self) -> None:
         """All ranks follow rank 0's clock, so they agree on the lr and on when to stop."""
