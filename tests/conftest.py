@@ -1,9 +1,39 @@
+from pathlib import Path
+
 import pytest
 
-from seedbed.data import Dataset, load_dataset
+from seedbed.config import resolve_config
+from seedbed.data import Dataset, load_dataset, load_documents
+from seedbed.runs import LoadedModel, load
+from seedbed.train.trainer import Trainer
 
 
 @pytest.fixture(scope="session")
 def default_dataset() -> Dataset:
     """The Shakespeare corpus with the bytes tokenizer (downloaded once into the cache)."""
     return load_dataset("default")
+
+
+@pytest.fixture(scope="session")
+def small_corpus(tmp_path_factory) -> Path:
+    """Six real Shakespeare texts cut to 12 kB each: quick to train and to score."""
+    folder = tmp_path_factory.mktemp("corpus")
+    for doc in load_documents("default")[:6]:
+        (folder / doc.name).write_bytes(doc.data[:12000])
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_run(small_corpus, tmp_path_factory) -> Path:
+    """A small byte-level model trained for 60 steps: fast to pack, score and code with."""
+    cfg = resolve_config("gpt", overrides=[
+        "model.d_model=64", "model.n_layers=2", "model.max_seq_len=64", "model.mixer.n_heads=4",
+        "train.batch_size=8", "train.steps=60", "train.dtype=fp32", f'data.spec="{small_corpus}"'])
+    run = tmp_path_factory.mktemp("tiny") / "run"
+    Trainer(cfg, run, progress=False).run()
+    return run
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_run) -> LoadedModel:
+    return load(tiny_run)

@@ -13,7 +13,6 @@ import pytest
 import torch
 
 from seedbed.config import resolve_config
-from seedbed.data import load_documents
 from seedbed.errors import UserError
 from seedbed.train.checkpoint import load_checkpoint
 from seedbed.train.trainer import Trainer, TrainingDiverged
@@ -21,15 +20,6 @@ from seedbed.train.trainer import Trainer, TrainingDiverged
 TINY = ["model.d_model=32", "model.n_layers=2", "model.max_seq_len=32", "model.mixer.n_heads=2",
         "train.batch_size=4", "train.eval_tokens=2000", "train.log_every=2", "train.warmup_steps=2",
         "train.dtype=fp32", "train.threads=1"]
-
-
-@pytest.fixture(scope="session")
-def small_corpus(tmp_path_factory) -> Path:
-    """Six real Shakespeare texts cut to 12 kB each: quick to train and to score."""
-    folder = tmp_path_factory.mktemp("corpus")
-    for doc in load_documents("default")[:6]:
-        (folder / doc.name).write_bytes(doc.data[:12000])
-    return folder
 
 
 def tiny_config(corpus: Path, *extra: str):

@@ -76,6 +76,34 @@ def build_parser() -> argparse.ArgumentParser:
     shards.add_argument("--vocab-size", type=positive_int, default=1024)
     shards.add_argument("-o", "--out", required=True)
 
+    pack = commands.add_parser("pack", help="pack a run into one exact-size artifact file")
+    pack.add_argument("run", metavar="RUN")
+    pack.add_argument("-o", "--out", help="artifact path (default: RUN/model.seedbed)")
+    pack.add_argument("--quant", default="int8",
+                      help="storage kind for large matrices, plus PATTERN=KIND items: e.g. 'int6,embed.weight=int8' "
+                           "(kinds: fp32 fp16 bf16 int8 int6 int4 ternary)")
+    pack.add_argument("--clip-percentile", type=float, default=100.0, help="quantisation clip percentile of |w|")
+    pack.add_argument("--group", type=positive_int, default=64, help="group size of int6 / int4 scales")
+    pack.add_argument("--budget", type=positive_int, help="fail unless the artifact fits in this many bytes")
+    pack.add_argument("--eval-tokens", type=int, default=0, help="score bpb before/after on this many val tokens "
+                      "(0: the whole val split; -1: skip)")
+
+    info = commands.add_parser("info", help="byte breakdown of an artifact")
+    info.add_argument("artifact", metavar="ARTIFACT")
+
+    compress = commands.add_parser("compress", help="arithmetic-code a file with a model (the proof of its bpb)")
+    compress.add_argument("artifact", metavar="ARTIFACT")
+    compress.add_argument("file", metavar="FILE")
+    compress.add_argument("-o", "--out", required=True)
+    compress.add_argument("--streams", type=positive_int, default=64,
+                          help="at most this many segments coded side by side (each at least 2048 tokens)")
+    compress.add_argument("--no-eval", action="store_true", help="skip the bpb cross-check")
+
+    decompress = commands.add_parser("decompress", help="decode a file made by seedbed compress")
+    decompress.add_argument("artifact", metavar="ARTIFACT")
+    decompress.add_argument("compressed", metavar="COMPRESSED")
+    decompress.add_argument("-o", "--out", required=True)
+
     commands.add_parser("presets", help="list the built-in presets")
 
     bench = commands.add_parser("bench", help="benchmarks that write a table to BENCHMARKS.md")
@@ -168,6 +196,82 @@ def cmd_export_shards(args: argparse.Namespace) -> None:
     print(f"train on them with: seedbed train --data shards:{summary['out_dir']}")
 
 
+def cmd_pack(args: argparse.Namespace) -> None:
+    from seedbed.pack.artifact import QuantRule
+    from seedbed.pack.pack import load_artifact, pack_model
+    from seedbed.runs import load
+
+    loaded = load(args.run)
+    rule = QuantRule.parse(args.quant, args.clip_percentile, args.group)
+    out = Path(args.out) if args.out else Path(args.run) / "model.seedbed"
+    result = pack_model(loaded, out, rule, args.budget)
+    print(f"wrote {out}: {result.size:,} bytes ({result.codec}; {result.payload_size:,} bytes before compression)")
+    if args.eval_tokens >= 0:
+        before = loaded.evaluate_split(loaded.config.data.spec, "val", max_tokens=args.eval_tokens)
+        after = load_artifact(out).evaluate_split(loaded.config.data.spec, "val", max_tokens=args.eval_tokens)
+        print(f"val bpb before packing {before.bpb:.4f}  after {after.bpb:.4f}  gap {after.bpb - before.bpb:+.4f}  "
+              f"({before.tokens:,} tokens)")
+
+
+def cmd_info(args: argparse.Namespace) -> None:
+    from seedbed.pack.pack import describe
+
+    print(describe(args.artifact))
+
+
+def codec_progress(label: str):
+    from tqdm import tqdm
+
+    bar = tqdm(desc=label, unit="pos", dynamic_ncols=True, leave=False)
+
+    def update(done: int, total: int) -> None:
+        bar.total = total
+        bar.n = done
+        bar.refresh() if done == total or done % 64 == 0 else None
+
+    return update, bar
+
+
+def cmd_compress(args: argparse.Namespace) -> None:
+    from seedbed.codec import artifact_digest, compress_bytes
+    from seedbed.fileio import atomic_write_bytes
+    from seedbed.runs import load
+
+    source = Path(args.file)
+    if not source.is_file():
+        raise UserError(f"input file {source} does not exist")
+    loaded = load(args.artifact)
+    if not Path(args.artifact).is_file():
+        raise UserError(f"{args.artifact} is a run folder; pack it first (seedbed pack {args.artifact})")
+    data = source.read_bytes()
+    update, bar = codec_progress("compress")
+    blob, stats = compress_bytes(loaded, artifact_digest(args.artifact), data, args.streams, progress=update)
+    bar.close()
+    atomic_write_bytes(args.out, blob)
+    print(f"{source}: {stats.original_bytes:,} bytes -> {len(blob):,} bytes ({len(blob) - stats.payload_bytes} header)"
+          f"  {stats.bpb:.4f} bits per byte  {stats.original_bytes / max(stats.seconds, 1e-9):,.0f} bytes/s")
+    if not args.no_eval and data:
+        result = loaded.evaluate(data)
+        gap = stats.bpb / result.bpb - 1
+        print(f"seedbed eval on the same text: {result.bpb:.4f} bpb; coded size differs by {gap:+.2%}")
+
+
+def cmd_decompress(args: argparse.Namespace) -> None:
+    from seedbed.codec import artifact_digest, decompress_bytes
+    from seedbed.fileio import atomic_write_bytes
+    from seedbed.runs import load
+
+    compressed = Path(args.compressed)
+    if not compressed.is_file():
+        raise UserError(f"compressed file {compressed} does not exist")
+    loaded = load(args.artifact)
+    update, bar = codec_progress("decompress")
+    data, stats = decompress_bytes(loaded, artifact_digest(args.artifact), compressed.read_bytes(), progress=update)
+    bar.close()
+    atomic_write_bytes(args.out, data)
+    print(f"{compressed} -> {args.out}: {len(data):,} bytes  {len(data) / max(stats.seconds, 1e-9):,.0f} bytes/s")
+
+
 def cmd_presets(args: argparse.Namespace) -> None:
     from seedbed.config import preset_description, preset_names
 
@@ -182,6 +286,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
 
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "export-shards": cmd_export_shards,
+            "pack": cmd_pack, "info": cmd_info, "compress": cmd_compress, "decompress": cmd_decompress,
             "presets": cmd_presets, "bench": cmd_bench}
 
 

@@ -43,7 +43,11 @@ def machine_key(device: torch.device, dtype: torch.dtype) -> str:
 
 
 def matmul_peak(device: torch.device, dtype: torch.dtype) -> float:
-    """Measured once per machine, thread count, torch version and dtype; cached on disk."""
+    """The best matmul FLOP/s ever measured for this machine, thread count, torch and dtype.
+
+    A short measurement runs every time and the cache on disk keeps the maximum, so a
+    measurement taken while the machine was busy can never inflate a later MFU.
+    """
     from seedbed.data import cache_dir
 
     path = cache_dir() / "matmul_peak.json"
@@ -52,8 +56,9 @@ def matmul_peak(device: torch.device, dtype: torch.dtype) -> float:
     except (OSError, ValueError):
         table = {}
     key = machine_key(device, dtype)
-    if key not in table:
-        table[key] = measure_matmul_peak(device, dtype)
+    measured = measure_matmul_peak(device, dtype, seconds=0.5)
+    if measured > table.get(key, 0.0):
+        table[key] = measured
         atomic_write_text(path, json.dumps(table, indent=1))
     return table[key]
 

@@ -53,25 +53,31 @@ class LoadedModel:
         return evaluate_bpb(self.model, tokens, len(data), self.config.model.max_seq_len, stride,
                             batch_size=batch_size)
 
-    def evaluate_split(self, spec: str, split: str, stride: int = 0) -> EvalResult:
-        """bpb on one split of a corpus, encoded with this model's own tokenizer."""
+    def evaluate_split(self, spec: str, split: str, stride: int = 0, max_tokens: int = 0) -> EvalResult:
+        """bpb on one split of a corpus (its first ``max_tokens`` tokens if given), in this model's tokenizer."""
         if spec.startswith("shards:"):  # already tokens: the shards' own tokenizer counts the bytes
             chosen = getattr(load_dataset(spec, self.config.data.tokenizer, self.config.data.vocab_size), split)
-            return evaluate_bpb(self.model, chosen.tokens, chosen.n_bytes, self.config.model.max_seq_len, stride)
-        train, val, test = split_documents(load_documents(spec))
-        docs = {"train": train, "val": val, "test": test}[split]
-        tokens = np.concatenate([self.encode(doc.data) for doc in docs])
-        return evaluate_bpb(self.model, tokens, sum(len(doc.data) for doc in docs),
-                            self.config.model.max_seq_len, stride)
+            tokens, n_bytes = chosen.tokens, chosen.n_bytes
+        else:
+            train, val, test = split_documents(load_documents(spec))
+            docs = {"train": train, "val": val, "test": test}[split]
+            tokens = np.concatenate([self.encode(doc.data) for doc in docs])
+            n_bytes = sum(len(doc.data) for doc in docs)
+        if 0 < max_tokens < len(tokens):
+            tokens = tokens[:max_tokens]
+            n_bytes = self.tokenizer.count_bytes(tokens)
+        return evaluate_bpb(self.model, tokens, n_bytes, self.config.model.max_seq_len, stride)
 
 
 def load(path: str | Path) -> LoadedModel:
-    """Load a run folder (its config, tokenizer and latest checkpoint) onto the CPU."""
+    """Load a run folder (config, tokenizer, latest checkpoint) or a packed artifact onto the CPU."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"{path} does not exist")
-    if not path.is_dir():
-        raise UserError(f"{path} is not a run folder")
+    if path.is_file():
+        from seedbed.pack.pack import load_artifact
+
+        return load_artifact(path)
     if not (path / "config.toml").is_file() or not (path / CHECKPOINT_NAME).is_file():
         raise UserError(f"{path} is not a finished run folder (needs config.toml and {CHECKPOINT_NAME})")
     cfg = config_from_dict(read_config_file(path / "config.toml"))

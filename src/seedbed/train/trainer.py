@@ -290,7 +290,7 @@ class Trainer:
             self.sync_clock()
             window_tokens += self.tokens_seen - tokens_before
             window_seconds += elapsed
-            bar.update(1 if tcfg.steps else elapsed)
+            bar.update(1 if tcfg.steps else min(elapsed, max(0.0, total - bar.n)))
             if self.step % tcfg.log_every == 0 or self.done():
                 tok_s = window_tokens / window_seconds
                 record = {"step": self.step, "train_loss": loss,
@@ -299,7 +299,8 @@ class Trainer:
                           "tokens": self.tokens_seen, "train_seconds": round(self.train_seconds, 3),
                           "tokens_per_second": tok_s, "mfu": self.mfu(tok_s)}
                 self.log(record)
-                bar.set_postfix_str(f"loss {loss:.3f} | {tok_s:,.0f} tok/s | val bpb {self.last_val_bpb:.3f}")
+                val = "-" if math.isnan(self.last_val_bpb) else f"{self.last_val_bpb:.3f}"
+                bar.set_postfix_str(f"loss {loss:.3f} | {tok_s:,.0f} tok/s | val bpb {val}")
                 window_tokens, window_seconds = 0, 0.0
             now = time.perf_counter()
             if now - last_eval >= tcfg.eval_every_seconds and not self.done():

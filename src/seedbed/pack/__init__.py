@@ -1,0 +1,1 @@
+"""Artifacts: pack a model into one exact-size file, and read it back."""
