@@ -115,6 +115,45 @@ def bench_train(minutes: float, output: Path, preset: str = "gpt") -> None:
     print("\n".join(lines))
 
 
+def bench_codec(artifact: Path, output: Path, streams: int = 64) -> None:
+    """seedbed's coded size on the default test split beside classic compressors, with and without the model."""
+    from seedbed.codec import artifact_digest, compress_bytes, decompress_bytes
+    from seedbed.data import load_documents, split_documents
+    from seedbed.runs import load
+
+    loaded = load(artifact)
+    _, _, test = split_documents(load_documents("default"))
+    text = b"".join(doc.data for doc in test)
+    digest = artifact_digest(artifact)
+    print(f"compressing the default test split ({len(text):,} bytes) with {artifact} ...", file=sys.stderr)
+    blob, enc = compress_bytes(loaded, digest, text, streams)
+    restored, dec = decompress_bytes(loaded, digest, blob)
+    if restored != text:
+        raise RuntimeError("round trip failed")
+    evaluated = loaded.evaluate(text)
+    model_bytes = artifact.stat().st_size
+    lines = [
+        "## seedbed bench codec",
+        "",
+        f"`seedbed bench codec --artifact {artifact.name}` ({model_bytes:,}-byte artifact) on the default corpus's "
+        f"test split ({len(text):,} bytes), {torch.get_num_threads()} threads, {time.strftime('%Y-%m-%d')}. "
+        f"Round trip byte-exact. `seedbed eval` on the same text: {evaluated.bpb:.4f} bpb; the coded payload "
+        f"is {enc.bpb / evaluated.bpb - 1:+.2%} from it.",
+        "",
+        "| compressor | bytes | bits per byte | bytes + model | bits per byte with model |",
+        "| --- | ---: | ---: | ---: | ---: |",
+        f"| seedbed compress ({enc.original_bytes / enc.seconds:,.0f} B/s encode, "
+        f"{dec.original_bytes / dec.seconds:,.0f} B/s decode) | {len(blob):,} | {8 * len(blob) / len(text):.4f} "
+        f"| {len(blob) + model_bytes:,} | {8 * (len(blob) + model_bytes) / len(text):.4f} |",
+    ]
+    for name in ("xz -9e", "bzip2 -9", "zstd -19"):
+        bits = compressed_bits(name, text)
+        lines.append(f"| {name} | {bits // 8:,} | {bits / len(text):.4f} | {bits // 8:,} | {bits / len(text):.4f} |"
+                     if bits else f"| {name} | not installed | | | |")
+    write_section(output, "## seedbed bench codec", "\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
 def write_section(path: Path, heading: str, body: str) -> None:
     """Replace the section that starts with ``heading`` (or append it), keeping the rest."""
     text = path.read_text() if path.exists() else "# Benchmarks\n\nWritten by `seedbed bench`; each section is one command's output.\n"
