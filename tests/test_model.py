@@ -10,11 +10,12 @@ import torch
 from seedbed.config import ModelConfig
 from seedbed.model import LM
 from seedbed.model.attention import fast_attention, reference_attention
-from seedbed.registry import FFNS, MIXERS
+from seedbed.registry import FFNS, LINEARS, MIXERS
 
 # Extra option sets worth testing beyond each component's defaults.
 MIXER_VARIANTS = {"attention": [{"n_heads": 4, "n_kv_heads": 2}, {"n_heads": 2, "qk_norm": False}]}
 FFN_VARIANTS = {"mlp": [{"activation": "leaky_relu2", "mult": 3.0}]}
+LINEAR_VARIANTS = {"seeded": [{"keep": 0.5, "factors": "uint8"}]}
 
 
 def variants(registry, extra):
@@ -22,6 +23,7 @@ def variants(registry, extra):
 
 
 def small_model(mixer=None, ffn=None, seed=0, **overrides) -> LM:
+    """A 2-layer model whose every parameter is perturbed (generated weights stay as seeded)."""
     torch.manual_seed(seed)
     cfg = ModelConfig(vocab_size=61, d_model=32, n_layers=2, max_seq_len=48,
                       mixer=mixer or {"kind": "attention", "n_heads": 4},
@@ -30,7 +32,8 @@ def small_model(mixer=None, ffn=None, seed=0, **overrides) -> LM:
     # Zero-initialised projections would hide bugs: give every weight a random value.
     with torch.no_grad():
         for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.1)
+            if p.is_floating_point():
+                p.add_(torch.randn_like(p) * 0.1)
     return model.eval()
 
 
@@ -39,6 +42,8 @@ def models_under_test():
         yield f"mixer-{name}-{opts}", {"mixer": {"kind": name, **opts}}
     for name, opts in variants(FFNS, FFN_VARIANTS):
         yield f"ffn-{name}-{opts}", {"ffn": {"kind": name, **opts}}
+    for name, opts in variants(LINEARS, LINEAR_VARIANTS):
+        yield f"linear-{name}-{opts}", {"linear": {"kind": name, **opts}}
 
 
 CASES = list(models_under_test())

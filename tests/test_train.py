@@ -162,10 +162,11 @@ def test_cli_train_eval_generate_on_default_corpus(tmp_path):
     assert again.stdout == sample.stdout
 
 
-def test_golf_preset_trains_with_sentencepiece(tmp_path):
+@pytest.mark.parametrize("preset", ["golf-gpt", "golf-seeded"])
+def test_golf_presets_train_with_sentencepiece(preset, tmp_path):
     """The golf shape (GQA 8/4, LeakyReLU(0.5)^2, SentencePiece 1024) trains and samples, shrunk in depth."""
     run = tmp_path / "golf"
-    out = seedbed("train", "--preset", "golf-gpt", "--steps", "2", "--out", str(run), "--no-progress",
+    out = seedbed("train", "--preset", preset, "--steps", "2", "--out", str(run), "--no-progress",
                   "model.n_layers=1", "model.max_seq_len=128", "train.batch_size=2", "train.eval_stride=128")
     assert out.returncode == 0, out.stderr
     assert "sp (vocab 1024)" in out.stderr and (run / "tokenizer.model").is_file()

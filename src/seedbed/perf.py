@@ -64,9 +64,10 @@ def matmul_peak(device: torch.device, dtype: torch.dtype) -> float:
 
 
 def training_flops_per_token(model: nn.Module, context: int) -> float:
+    """Counts every linear at its full (virtual) size, whether its weight is stored or generated."""
     cfg = model.cfg
-    matrix_params = sum(p.numel() for n, p in model.named_parameters() if p.ndim == 2 and not n.startswith("embed."))
-    head_params = cfg.vocab_size * cfg.d_model  # the tied head reuses the embedding as a matrix
-    if not cfg.tie_embeddings:
-        head_params = 0  # already counted among the matrices
-    return 6 * (matrix_params + head_params) + 12 * cfg.n_layers * cfg.d_model * context
+    matrix_params = sum(m.in_features * m.out_features for m in model.modules()
+                        if hasattr(m, "in_features") and hasattr(m, "out_features"))
+    if cfg.tie_embeddings:
+        matrix_params += cfg.vocab_size * cfg.d_model  # the tied head reuses the embedding as a matrix
+    return 6 * matrix_params + 12 * cfg.n_layers * cfg.d_model * context

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 # Importing the component modules registers them.
-from seedbed.model import attention, mlp  # noqa: F401
+from seedbed.model import attention, mlp, seeded  # noqa: F401
 from seedbed.config import ModelConfig
 from seedbed.model.layers import BuildContext
 from seedbed.registry import FFNS, MIXERS, require
@@ -142,4 +142,13 @@ def sample(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
 
 
 def count_parameters(model: nn.Module) -> int:
+    """Stored (trainable or loaded) parameters."""
     return sum(p.numel() for p in model.parameters())
+
+
+def virtual_parameters(model: nn.Module) -> int:
+    """Parameters that run at inference: generated weights count at their full size."""
+    generated = [m for m in model.modules() if hasattr(m, "virtual_numel")]
+    covered = {id(p) for m in generated for p in m.parameters()}
+    return sum(m.virtual_numel for m in generated) + sum(
+        p.numel() for p in model.parameters() if id(p) not in covered)

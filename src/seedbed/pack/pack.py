@@ -9,7 +9,7 @@ from pathlib import Path
 from seedbed.config import config_from_dict
 from seedbed.data import tokenizer_from_proto
 from seedbed.errors import UserError
-from seedbed.model import LM, count_parameters
+from seedbed.model import LM, virtual_parameters
 from seedbed.pack.artifact import (HEADER, QuantRule, build_payload, encode_artifact, group_name, read_artifact,
                                    write_artifact)
 
@@ -80,7 +80,7 @@ def describe(path: str | Path) -> str:
     lines = [f"{path}: {artifact.file_size:,} bytes = {HEADER.size} header + "
              f"{artifact.file_size - HEADER.size:,} {artifact.codec}-compressed payload "
              f"({artifact.payload_size:,} bytes raw, ratio {artifact.payload_size / (artifact.file_size - HEADER.size):.3f})",
-             f"parameters: {stored:,} stored, {count_parameters(model):,} virtual (run at inference)",
+             f"parameters: {stored:,} stored, {virtual_parameters(model):,} virtual (run at inference)",
              "", "raw payload by section:",
              f"  {'manifest (config, tensor table)':40s} {manifest_bytes:>12,}",
              f"  {'tokenizer':40s} {manifest['tokenizer']['length'] if manifest['tokenizer'] else 0:>12,}"]

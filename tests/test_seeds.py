@@ -1,0 +1,136 @@
+"""The counter-based PRNG and the linears grown from seeds."""
+
+import numpy as np
+import pytest
+import torch
+
+from seedbed.config import ModelConfig, RunConfig
+from seedbed.model import LM, count_parameters, virtual_parameters
+from seedbed.model.seeded import OrthogonalLoRALinear, SeededLinear
+from seedbed.pack.artifact import QuantRule
+from seedbed.pack.pack import load_artifact, pack_model
+from seedbed.data import ByteTokenizer
+from seedbed.runs import LoadedModel
+from seedbed.seeds import (lowbias32, mul32, random_bits, random_int8, random_mask, random_normal, random_uniform,
+                           seed_from_name)
+
+# Golden values: a change here changes every seeded model ever packed.
+GOLDEN = {
+    (0, 0): [33350994, 2972792678, 3986544873, 3457416572],
+    (-1, 0): [1849944626, 1955311241, 2302796888, 733867973],
+    (2**62 + 12345, 2**33): [2729693580, 1430306282, 542216620],
+}
+
+
+def reference_lowbias32(x: int) -> int:
+    """The hash on Python integers, as published: the plain reference for the tensor version."""
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & 0xFFFFFFFF
+    x ^= x >> 15
+    x = (x * 0x846CA68B) & 0xFFFFFFFF
+    return x ^ (x >> 16)
+
+
+def test_golden_values():
+    for (seed, offset), expected in GOLDEN.items():
+        assert random_bits(seed, len(expected), offset=offset).tolist() == expected
+
+
+def test_tensor_hash_matches_python_reference():
+    values = [0, 1, 0xFFFFFFFF, 0x80000000, 0x7FFFFFFF] + np.random.default_rng(0).integers(0, 2**32, 500).tolist()
+    x = torch.tensor(values, dtype=torch.int64)
+    assert lowbias32(x).tolist() == [reference_lowbias32(v) for v in values]
+    assert mul32(x, 0xDEADBEEF).tolist() == [(v * 0xDEADBEEF) % 2**32 for v in values]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_same_bits_on_cuda():
+    for (seed, offset), expected in GOLDEN.items():
+        assert random_bits(seed, len(expected), "cuda", offset).cpu().tolist() == expected
+    assert torch.equal(random_normal(7, (64, 64), "cuda").cpu(), random_normal(7, (64, 64)))
+
+
+def test_streams_are_sliceable_and_seed_dependent():
+    assert torch.equal(random_bits(5, 10, offset=7), random_bits(5, 17)[7:])
+    assert not torch.equal(random_bits(5, 100), random_bits(6, 100))
+    assert seed_from_name(1, "a") == seed_from_name(1, "a") != seed_from_name(1, "b")
+
+
+def test_distributions():
+    n = 200_000
+    bits = random_bits(11, n)
+    assert bits.min() >= 0 and bits.max() < 2**32
+    int8 = random_int8(11, (n,)).float()
+    assert int8.min() == -128 and int8.max() == 127 and abs(int8.mean()) < 1.0
+    uniform = random_uniform(12, (n,))
+    assert 0 <= uniform.min() and uniform.max() < 1 and abs(uniform.mean() - 0.5) < 0.01
+    normal = random_normal(13, (n,))
+    assert abs(normal.mean()) < 0.01 and abs(normal.std() - 1) < 0.01
+    for keep in (0.1, 0.5, 0.9):
+        assert abs(random_mask(14, (n,), keep).float().mean() - keep) < 0.005
+
+
+def seeded_options(**kwargs):
+    return SeededLinear.Options(**kwargs)
+
+
+def test_seeded_linear_masks_and_scale():
+    torch.manual_seed(0)
+    layer = SeededLinear(256, 128, seeded_options(keep=0.3, rank=8))
+    generated = layer.generated(layer.build)
+    assert abs((generated != 0).float().mean() - 0.3) < 0.02  # prune supermask keeps 30%
+    dense_like = SeededLinear(256, 128, seeded_options(fine_scale=0, fine_shift=0, sign_mask=False))
+    unsigned = dense_like.generated(dense_like.build)
+    assert abs(unsigned.std() - 1) < 0.15  # the low-rank product is normalised to unit variance
+    assert torch.linalg.matrix_rank(unsigned) == 16  # rank as configured
+    flipped = SeededLinear(256, 128, seeded_options(fine_scale=0, fine_shift=0, sign_mask=True))
+    flipped.seeds.copy_(dense_like.seeds)
+    signs = torch.sign(flipped.generated(flipped.build)) * torch.sign(unsigned)
+    assert abs((signs < 0).float().mean() - 0.5) < 0.02  # the sign supermask flips half
+    assert layer.weight().std().item() == pytest.approx(layer.generated(layer.build).std().item() / 16, rel=1e-5)
+
+
+def test_generated_weights_are_cached_until_a_seed_changes():
+    layer = SeededLinear(32, 16, seeded_options())
+    first = layer.generated(layer.build)
+    assert layer.generated(layer.build) is first
+    layer.seeds[2] += 1
+    second = layer.generated(layer.build)
+    assert second is not first and not torch.equal(second, first)
+
+
+def test_orthogonal_basis_is_orthogonal_unique_and_deterministic():
+    torch.manual_seed(0)
+    for out_f, in_f in ((64, 64), (32, 96), (96, 32)):
+        layer = OrthogonalLoRALinear(in_f, out_f, OrthogonalLoRALinear.Options(rank=4))
+        q = layer.generated(layer.build).double() / (max(out_f, in_f) / in_f) ** 0.5
+        gram = q @ q.T if out_f <= in_f else q.T @ q
+        torch.testing.assert_close(gram, torch.eye(min(out_f, in_f), dtype=torch.float64), atol=1e-5, rtol=0)
+        twin = OrthogonalLoRALinear(in_f, out_f, OrthogonalLoRALinear.Options(rank=4))
+        twin.seeds.copy_(layer.seeds)
+        assert torch.equal(twin.generated(twin.build), layer.generated(layer.build))
+
+
+@pytest.mark.parametrize("linear", [{"kind": "seeded", "rank": 8, "keep": 0.5},
+                                    {"kind": "orthogonal-lora", "rank": 4}, {"kind": "gaussian-lora", "rank": 4}])
+def test_seeded_models_pack_to_seeds_and_reload_identically(linear, tmp_path):
+    torch.manual_seed(3)
+    cfg = ModelConfig(vocab_size=256, d_model=64, n_layers=2, max_seq_len=32, mixer={"kind": "attention", "n_heads": 4},
+                      linear=linear)
+    model = LM(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    loaded = LoadedModel(model, RunConfig(model=cfg), ByteTokenizer(), tmp_path)
+    path = tmp_path / "m.seedbed"
+    pack_model(loaded, path, QuantRule.parse("fp32"))
+    torch.manual_seed(99)  # a different init: everything must come from the artifact
+    again = load_artifact(path).model
+    tokens = torch.randint(0, 256, (2, 20))
+    with torch.no_grad():
+        assert torch.equal(again(tokens), model(tokens))
+    assert virtual_parameters(model) > count_parameters(model) or linear["kind"] != "seeded"
+    # Seeds travel as 8-byte integers, never as generated weights.
+    seeds = [t for name, t in again.state_dict().items() if name.endswith("seeds")]
+    assert seeds and all(t.dtype == torch.int64 for t in seeds)
+    assert path.stat().st_size < 4 * count_parameters(model) + 16_000
