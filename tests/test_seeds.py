@@ -134,3 +134,22 @@ def test_seeded_models_pack_to_seeds_and_reload_identically(linear, tmp_path):
     seeds = [t for name, t in again.state_dict().items() if name.endswith("seeds")]
     assert seeds and all(t.dtype == torch.int64 for t in seeds)
     assert path.stat().st_size < 4 * count_parameters(model) + 16_000
+
+
+def test_germinator_preset_trains_and_packs_to_seeds(small_corpus, tmp_path):
+    from seedbed.config import resolve_config
+    from seedbed.pack.pack import describe
+    from seedbed.runs import load
+    from seedbed.train.trainer import Trainer
+
+    cfg = resolve_config("germinator", overrides=[
+        "model.d_model=64", "model.n_layers=2", "model.max_seq_len=64", "train.batch_size=4", "train.steps=4",
+        "train.dtype=fp32", f'data.spec="{small_corpus}"'])
+    result = Trainer(cfg, tmp_path / "run", progress=False).run()
+    assert 0 < result.val_bpb < 9
+    path = tmp_path / "g.seedbed"
+    pack_model(load(tmp_path / "run"), path, QuantRule.parse("int8"))
+    model = load_artifact(path).model
+    stored, virtual = count_parameters(model), virtual_parameters(model)
+    assert virtual > 2 * stored  # most weights are generated, not stored
+    assert f"{virtual:,} virtual" in describe(path)

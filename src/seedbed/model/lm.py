@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 # Importing the component modules registers them.
-from seedbed.model import attention, mlp, seeded  # noqa: F401
+from seedbed.model import attention, mlp, modulo_experts, seeded  # noqa: F401
 from seedbed.config import ModelConfig
 from seedbed.model.layers import BuildContext
 from seedbed.registry import FFNS, MIXERS, require
