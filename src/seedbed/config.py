@@ -80,13 +80,17 @@ class TrainConfig:
     checkpoint_every_seconds: float = 60.0
     checkpoint_every_steps: int = 0  # 0: by time only
     log_every: int = 10
+    seed_search_every: int = 0  # gradient-free search over seeded modules every N steps; 0: seeds stay frozen
+    seed_search_candidates: int = 4
 
     def check(self, where: str) -> None:
         for name in ("batch_size", "grad_accum", "log_every"):
             require(getattr(self, name) > 0, f"{where}.{name} must be positive, got {getattr(self, name)}")
         for name in ("steps", "minutes", "lr", "matrix_lr", "warmup_steps", "grad_clip",
-                     "weight_decay", "eval_tokens", "eval_stride", "threads", "checkpoint_every_steps"):
+                     "weight_decay", "eval_tokens", "eval_stride", "threads", "checkpoint_every_steps",
+                     "seed_search_every"):
             require(getattr(self, name) >= 0, f"{where}.{name} must be >= 0, got {getattr(self, name)}")
+        require(self.seed_search_candidates > 0, f"{where}.seed_search_candidates must be positive")
         require(self.eval_every_seconds > 0, f"{where}.eval_every_seconds must be positive")
         require(self.checkpoint_every_seconds > 0, f"{where}.checkpoint_every_seconds must be positive")
         require(self.optimizer in ("muon", "adamw"), f"{where}.optimizer must be muon or adamw, got {self.optimizer!r}")

@@ -31,6 +31,7 @@ from seedbed.plot import plot_curves
 from seedbed.train.checkpoint import (CHECKPOINT_NAME, load_checkpoint, optimizer_tensors, restore_optimizers,
                                       save_checkpoint)
 from seedbed.train.optim import build_optimizers, lr_multiplier
+from seedbed.train.seed_search import SeedSearch
 
 
 class TrainingDiverged(UserError):
@@ -136,6 +137,10 @@ class Trainer:
         self.model = LM(cfg.model).to(self.device)
         self.optimizers = build_optimizers(self.model, tcfg)
         self.data_rng = torch.Generator().manual_seed(tcfg.seed)
+        self.seed_search = SeedSearch(self.model, tcfg.seed_search_candidates, tcfg.seed + 1)
+        if tcfg.seed_search_every and not self.seed_search:
+            raise UserError("train.seed_search_every is set but the model has no seeded modules "
+                            "(use model.linear.kind=seeded or a seeded feed-forward)")
         self.step, self.tokens_seen, self.train_seconds = 0, 0, 0.0
         self.last_val_bpb = float("nan")
         if self.checkpoint is not None:
@@ -180,6 +185,7 @@ class Trainer:
         tensors.update(opt_tensors)
         tensors["rng.torch"] = torch.get_rng_state()
         tensors["rng.data"] = self.data_rng.get_state()
+        tensors.update(self.seed_search.state())
         meta = {"step": self.step, "tokens_seen": self.tokens_seen, "train_seconds": self.train_seconds,
                 "last_val_bpb": self.last_val_bpb, "world": self.dist.world, "optimizer_groups": groups,
                 "config": self.cfg.to_dict()}
@@ -194,6 +200,7 @@ class Trainer:
         restore_optimizers(self.optimizers, tensors, meta["optimizer_groups"])
         torch.set_rng_state(tensors["rng.torch"])
         self.data_rng.set_state(tensors["rng.data"])
+        self.seed_search.restore(tensors)
         self.step, self.tokens_seen = meta["step"], meta["tokens_seen"]
         self.train_seconds, self.last_val_bpb = meta["train_seconds"], meta["last_val_bpb"]
 
@@ -251,7 +258,21 @@ class Trainer:
             opt.zero_grad(set_to_none=True)
         self.step += 1
         self.tokens_seen += tcfg.batch_size * tcfg.grad_accum * self.cfg.model.max_seq_len * self.dist.world
+        if tcfg.seed_search_every and self.step % tcfg.seed_search_every == 0:
+            self.search_seeds()
         return loss_value
+
+    def search_seeds(self) -> None:
+        """One round of gradient-free seed search on a fresh held batch (see train/seed_search.py)."""
+        inputs, targets = self.batch()
+
+        def score() -> torch.Tensor:
+            with self.autocast():
+                return self.model.loss(inputs, targets)
+
+        outcome = self.seed_search.step(score)
+        self.log({"step": self.step, "seed_search": outcome.module, "loss_before": outcome.baseline,
+                  "loss_best": outcome.best, "accepted": outcome.accepted})
 
     def evaluate(self, max_tokens: int = 0):
         """val bpb; a partial eval (``max_tokens``) runs in the training dtype, the full one in fp32,
