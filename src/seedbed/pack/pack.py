@@ -10,7 +10,7 @@ from seedbed.config import config_from_dict
 from seedbed.data import tokenizer_from_proto
 from seedbed.errors import UserError
 from seedbed.model import LM, virtual_parameters
-from seedbed.pack.artifact import (HEADER, QuantRule, build_payload, encode_artifact, group_name, read_artifact,
+from seedbed.pack.artifact import (CODECS, HEADER, QuantRule, build_payload, encode_artifact, group_name, read_artifact,
                                    write_artifact)
 
 
@@ -37,8 +37,8 @@ def pack_model(loaded, out: str | Path, rule: QuantRule, budget: int | None = No
                         + ", ".join(f"{name} ({n:,})" for name, n in top)
                         + "; try --quant int6 or int4, or a smaller model")
     write_artifact(out, data)
-    codec = read_artifact(out).codec
-    return PackResult(Path(out), len(data), len(payload), codec)
+    codec_id = HEADER.unpack_from(data)[2]
+    return PackResult(Path(out), len(data), len(payload), CODECS[codec_id][0])
 
 
 def load_artifact(path: str | Path):
