@@ -107,8 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("presets", help="list the built-in presets")
 
     bench = commands.add_parser("bench", help="benchmarks that write a table to BENCHMARKS.md")
-    bench.add_argument("suite", choices=("train", "codec"))
-    bench.add_argument("--minutes", type=positive_float, default=10.0, help="train: budget for the bpb row")
+    bench.add_argument("suite", choices=("train", "codec", "seeds", "mixkabrn"))
+    bench.add_argument("--minutes", type=positive_float, default=10.0,
+                       help="train: budget for the bpb row; seeds, mixkabrn: training budget of every model")
     bench.add_argument("--artifact", help="codec: the packed model to compress with")
     bench.add_argument("--output", default="BENCHMARKS.md")
     return parser
@@ -282,9 +283,14 @@ def cmd_presets(args: argparse.Namespace) -> None:
 
 def cmd_bench(args: argparse.Namespace) -> None:
     from seedbed.bench import bench_codec, bench_train
+    from seedbed.bench_models import bench_mixkabrn, bench_seeds
 
     if args.suite == "train":
         bench_train(args.minutes, Path(args.output))
+    elif args.suite == "seeds":
+        bench_seeds(args.minutes, Path(args.output))
+    elif args.suite == "mixkabrn":
+        bench_mixkabrn(args.minutes, Path(args.output))
     elif not args.artifact or not Path(args.artifact).is_file():
         raise UserError("bench codec needs --artifact FILE (make one with seedbed pack RUN)")
     else:

@@ -33,6 +33,9 @@ class ModelConfig:
     tie_embeddings: bool = True
     logit_softcap: float = 0.0  # 0 disables; else logits = c * tanh(logits / c)
     embed_init_std: float = 0.02
+    # Keep no generated weights between uses and checkpoint each block, so that only the
+    # running block's weights exist (GERMINATOR layer streaming); costs regeneration time.
+    stream_layers: bool = False
 
     def check(self, where: str) -> None:
         for name in ("vocab_size", "d_model", "n_layers", "max_seq_len"):

@@ -64,9 +64,10 @@ def matmul_peak(device: torch.device, dtype: torch.dtype) -> float:
 
 
 def training_flops_per_token(model: nn.Module, context: int) -> float:
-    """Counts every linear at its full (virtual) size, whether its weight is stored or generated."""
+    """Counts every linear at the multiply-adds it runs: its full (virtual) size, whether its
+    weight is stored or generated, unless it declares ``matmul_macs`` (a factored product)."""
     cfg = model.cfg
-    matrix_params = sum(m.in_features * m.out_features for m in model.modules()
+    matrix_params = sum(getattr(m, "matmul_macs", m.in_features * m.out_features) for m in model.modules()
                         if hasattr(m, "in_features") and hasattr(m, "out_features"))
     if cfg.tie_embeddings:
         matrix_params += cfg.vocab_size * cfg.d_model  # the tied head reuses the embedding as a matrix

@@ -12,11 +12,13 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 # Importing the component modules registers them.
-from seedbed.model import attention, mlp, modulo_experts, seeded  # noqa: F401
+from seedbed.model import attention, bitlinear, kan, mlp, modulo_experts, moe, retention, seeded  # noqa: F401
 from seedbed.config import ModelConfig
 from seedbed.model.layers import BuildContext
+from seedbed.model.seeded import SeedCache
 from seedbed.registry import FFNS, MIXERS, require
 
 
@@ -56,6 +58,9 @@ class LM(nn.Module):
         self.final_norm = head_ctx.norm(cfg.d_model)
         # The output head stays dense whatever the linear kind: it is small and sensitive.
         self.head = None if cfg.tie_embeddings else head_ctx.linear(cfg.d_model, cfg.vocab_size, spec={"kind": "dense"})
+        for module in self.modules():
+            if isinstance(module, SeedCache):
+                module.streaming = cfg.stream_layers
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         h = self.final_norm(h)
@@ -70,7 +75,11 @@ class LM(nn.Module):
         """Float32 logits (B, T, V) for next-token prediction at every position."""
         x = self.embed(tokens)
         for block in self.blocks:
-            x = block(x, tokens)
+            if self.cfg.stream_layers and torch.is_grad_enabled():
+                # Backward re-runs the block, regenerating its weights instead of keeping them.
+                x = checkpoint(block, x, tokens, use_reentrant=False)
+            else:
+                x = block(x, tokens)
         return self.logits(x)
 
     def log_probs(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -78,8 +87,10 @@ class LM(nn.Module):
         return self(tokens).log_softmax(dim=-1)
 
     def loss(self, tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy; in training plus the auxiliary losses (MoE balance) set by this forward."""
         logits = self(tokens)
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+        return loss + moe.auxiliary_loss(self) if self.training else loss
 
     def init_state(self, batch: int, max_len: int) -> list:
         param = self.embed.weight

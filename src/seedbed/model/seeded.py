@@ -20,11 +20,21 @@ fixed positive (unique), or for the Gaussian variant the scaled normal matrix it
 
 Generated matrices are cached and rebuilt only when a seed changes (also after loading a
 checkpoint): the cost per step is one elementwise product beside the matmul.
+
+When ``seeded`` has no elementwise piece (fine_scale = fine_shift = 0, keep = 1, no sign
+mask) the weight is the low-rank product itself, and it is never materialised:
+``y = coarse * ((x B^T) A^T)``, with ``weight()`` beside it as the plain reference.
+
+Layer streaming (``model.stream_layers``): nothing is cached; each use regenerates its
+tensors and drops them, and the model checkpoints every block so that backward
+regenerates them too. Every generated tensor is entered in ``GENERATED`` (weak
+references) so tests and benchmarks can count what is alive.
 """
 
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -36,6 +46,9 @@ from seedbed.seeds import random_int8, random_mask, random_normal, random_uint8
 
 SEED_RANGE = (-(2**63), 2**63 - 1)
 
+# Every generated tensor still alive anywhere (weak references: entering one keeps nothing alive).
+GENERATED: weakref.WeakSet = weakref.WeakSet()
+
 
 def fresh_seeds(count: int) -> torch.Tensor:
     """Seeds drawn from torch's global generator, so a model seeded by train.seed is reproducible."""
@@ -43,21 +56,42 @@ def fresh_seeds(count: int) -> torch.Tensor:
 
 
 class SeedCache(nn.Module):
-    """Holds the int64 seed buffer and rebuilds a generated matrix when the seeds change."""
+    """Holds the int64 seed buffer and rebuilds generated tensors when the seeds change.
+
+    ``build(seeds)`` returns a tensor or a tuple of tensors. With ``streaming`` set, every
+    call builds afresh and nothing is kept.
+    """
 
     def __init__(self, n_seeds: int):
         super().__init__()
         self.register_buffer("seeds", fresh_seeds(n_seeds))
-        self._key: tuple[int, ...] | None = None
-        self._matrix: torch.Tensor | None = None
+        self.streaming = False
+        self._key: tuple[str, tuple[int, ...]] | None = None
+        self._built = None
 
-    def generated(self, build) -> torch.Tensor:
-        key = tuple(self.seeds.tolist())
-        if key != self._key or self._matrix is None or self._matrix.device != self.seeds.device:
-            with torch.no_grad():
-                self._matrix = build(key).to(self.seeds.device)
+    def _build(self, build, key: tuple[int, ...]):
+        with torch.no_grad():
+            built = build(key)
+            tensors = built if isinstance(built, tuple) else (built,)
+            tensors = tuple(t.to(self.seeds.device) for t in tensors)
+        for t in tensors:
+            GENERATED.add(t)
+        return tensors if isinstance(built, tuple) else tensors[0]
+
+    def generated(self, build):
+        seeds = tuple(self.seeds.tolist())
+        if self.streaming:
+            self._key = self._built = None
+            return self._build(build, seeds)
+        key = (build.__name__, seeds)  # one module may build different things (factors, full matrix)
+        if key != self._key or self._built is None or self._built_device() != self.seeds.device:
+            self._built = self._build(build, seeds)
             self._key = key
-        return self._matrix
+        return self._built
+
+    def _built_device(self) -> torch.device:
+        first = self._built[0] if isinstance(self._built, tuple) else self._built
+        return first.device
 
 
 @LINEARS.register("seeded")
@@ -72,21 +106,25 @@ class SeededLinear(SeedCache):
         fine_shift: float = 0.1  # amplitude of the seeded elementwise shift; 0 disables
         keep: float = 1.0  # prune supermask: fraction of weights kept
         sign_mask: bool = True  # sign-switching supermask
+        coarse: str = "row"  # learnable float32 scale: one per output row, or one per matrix ("scalar")
 
         def check(self, where: str) -> None:
             require(self.rank > 0, f"{where}.rank must be positive")
             require(self.factors in ("int8", "uint8"), f"{where}.factors must be int8 or uint8")
             require(0 < self.keep <= 1, f"{where}.keep must be in (0, 1]")
             require(self.fine_scale >= 0 and self.fine_shift >= 0, f"{where}.fine_scale and fine_shift must be >= 0")
+            require(self.coarse in ("row", "scalar"), f"{where}.coarse must be row or scalar, got {self.coarse!r}")
 
     def __init__(self, in_features: int, out_features: int, options: Options, zero_init: bool = False):
         super().__init__(len(self.SEED_NAMES))
         self.in_features, self.out_features, self.options = in_features, out_features, options
         self.rank = min(options.rank, in_features, out_features)
         init = 0.0 if zero_init else 1.0 / math.sqrt(in_features)
-        self.coarse = nn.Parameter(torch.full((out_features,), init))
+        self.coarse = nn.Parameter(torch.full((out_features if options.coarse == "row" else 1,), init))
+        self.factored = not (options.fine_scale or options.fine_shift or options.keep < 1 or options.sign_mask)
 
-    def build(self, seeds: tuple[int, ...]) -> torch.Tensor:
+    def build_factors(self, seeds: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        """A (out, rank) and B (rank, in) whose product has unit-variance entries."""
         o = self.options
         s = dict(zip(self.SEED_NAMES, seeds))
         shape_a, shape_b = (self.out_features, self.rank), (self.rank, self.in_features)
@@ -98,7 +136,13 @@ class SeededLinear(SeedCache):
             b = random_uint8(s["factor_b"], shape_b).float() / 256 - 0.5
         # Entries of a and b have variance ~1/3 (int8) or ~1/12 (uint8); normalise the product to unit variance.
         variance = (1 / 3) ** 2 if o.factors == "int8" else (1 / 12) ** 2
-        matrix = (a @ b) / math.sqrt(self.rank * variance)
+        return a / math.sqrt(self.rank * variance), b
+
+    def build(self, seeds: tuple[int, ...]) -> torch.Tensor:
+        o = self.options
+        s = dict(zip(self.SEED_NAMES, seeds))
+        a, b = self.build_factors(seeds)
+        matrix = a @ b
         shape = (self.out_features, self.in_features)
         if o.fine_scale:
             matrix = matrix * (1 + o.fine_scale * (random_uint8(s["fine_scale"], shape).float() / 256 - 0.5) * 2)
@@ -114,10 +158,21 @@ class SeededLinear(SeedCache):
     def virtual_numel(self) -> int:
         return self.in_features * self.out_features
 
+    @property
+    def matmul_macs(self) -> int:
+        """Multiply-adds per token: the factored path never forms the full matrix."""
+        if self.factored:
+            return self.rank * (self.in_features + self.out_features)
+        return self.in_features * self.out_features
+
     def weight(self) -> torch.Tensor:
+        """The materialised weight; the plain reference for the factored path too."""
         return self.coarse[:, None] * self.generated(self.build)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.factored:
+            a, b = self.generated(self.build_factors)
+            return F.linear(F.linear(x, b.to(x.dtype)), a.to(x.dtype)) * self.coarse.to(x.dtype)
         return F.linear(x, self.weight().to(x.dtype))
 
 

@@ -52,11 +52,14 @@ CODECS = {
 
 @dataclass
 class QuantRule:
-    """Which storage kind each tensor gets: explicit ``pattern=kind`` items first, then the default."""
+    """Which storage kind each tensor gets: explicit ``pattern=kind`` items first, then the kinds
+    modules declare for their own tensors (``declared``, e.g. BitLinear's ternary weights), then
+    the default by dtype and size."""
 
     default: str = "int8"
     patterns: list[tuple[str, str]] = field(default_factory=list)
     options: dict[str, Any] = field(default_factory=dict)
+    declared: dict[str, str] = field(default_factory=dict)  # exact tensor name -> kind
 
     @classmethod
     def parse(cls, spec: str, clip_percentile: float = 100.0, group: int = 64) -> "QuantRule":
@@ -79,6 +82,8 @@ class QuantRule:
         for pattern, kind in self.patterns:
             if fnmatch.fnmatchcase(name, pattern):
                 return kind
+        if name in self.declared:
+            return self.declared[name]
         if not tensor.is_floating_point():
             return "raw"
         if tensor.ndim < 2 or tensor.numel() < SMALL_TENSOR:

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+
+import torch
+from torch import nn
 
 from seedbed.config import config_from_dict
 from seedbed.data import tokenizer_from_proto
@@ -12,6 +15,7 @@ from seedbed.errors import UserError
 from seedbed.model import LM, virtual_parameters
 from seedbed.pack.artifact import (CODECS, HEADER, QuantRule, build_payload, encode_artifact, group_name, read_artifact,
                                    write_artifact)
+from seedbed.pack.kinds import get_kind
 
 
 @dataclass
@@ -22,9 +26,38 @@ class PackResult:
     codec: str
 
 
+def declared_storage_kinds(model: nn.Module) -> dict[str, str]:
+    """Tensor name -> storage kind, from every module with a ``storage_kinds`` class attribute."""
+    declared = {}
+    for prefix, module in model.named_modules(remove_duplicate=False):
+        for tensor_name, kind in getattr(module, "storage_kinds", {}).items():
+            get_kind(kind)
+            declared[f"{prefix}.{tensor_name}" if prefix else tensor_name] = kind
+    return declared
+
+
+def ternary_preimage(tensor: torch.Tensor) -> torch.Tensor:
+    """A tensor the ``ternary`` kind stores as the same trits and, to rounding, the same scale.
+
+    The kind stores round(w / mean |w|) and mean |w|. A tensor already on a ternary grid
+    {-c, 0, c} (a BitLinear weight loaded from an artifact) would come back as p c, p its
+    fraction of nonzeros; divided by p, its absmean is c again, so re-packing keeps it.
+    """
+    magnitude = tensor.detach().float().abs()
+    nonzero = int((magnitude > 0).sum())
+    if nonzero == 0 or not torch.all((magnitude == magnitude.amax()) | (magnitude == 0)):
+        return tensor
+    return tensor * (tensor.numel() / nonzero)
+
+
 def pack_model(loaded, out: str | Path, rule: QuantRule, budget: int | None = None) -> PackResult:
-    """Write ``loaded`` (a LoadedModel) as an artifact; refuse, writing nothing, if over ``budget``."""
-    state = loaded.model.state_dict()
+    """Write ``loaded`` (a LoadedModel) as an artifact; refuse, writing nothing, if over ``budget``.
+
+    Modules' declared storage kinds come after ``rule``'s explicit patterns, before its default.
+    """
+    rule = replace(rule, declared={**declared_storage_kinds(loaded.model), **rule.declared})
+    state = {name: ternary_preimage(tensor) if rule.kind_for(name, tensor) == "ternary" else tensor
+             for name, tensor in loaded.model.state_dict().items()}
     payload = build_payload(loaded.config.to_dict(), state, loaded.tokenizer.model_proto, rule)
     data = encode_artifact(payload)
     if budget is not None and len(data) > budget:

@@ -26,6 +26,7 @@ from seedbed.errors import UserError
 from seedbed.eval import evaluate_bpb
 from seedbed.fileio import atomic_write_bytes, atomic_write_text
 from seedbed.model import LM, count_parameters
+from seedbed.model.moe import auxiliary_loss, routing_metrics
 from seedbed.perf import matmul_peak, training_flops_per_token
 from seedbed.plot import plot_curves
 from seedbed.train.checkpoint import (CHECKPOINT_NAME, load_checkpoint, optimizer_tensors, restore_optimizers,
@@ -243,7 +244,8 @@ class Trainer:
                 with self.autocast():
                     logits = self.forward_model(inputs)
                     loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
-                (loss / tcfg.grad_accum).backward()
+                # Auxiliary losses (MoE balance) train the model but stay out of the logged loss.
+                ((loss + auxiliary_loss(self.model)) / tcfg.grad_accum).backward()
             total += loss.detach() / tcfg.grad_accum
         if self.dist.world > 1:
             dist.all_reduce(total, op=dist.ReduceOp.AVG)
@@ -318,7 +320,7 @@ class Trainer:
                           "train_bpb": loss / math.log(2) / bytes_per_token,
                           "lr_mult": lr_multiplier(self.progress_fraction(), self.step, tcfg),
                           "tokens": self.tokens_seen, "train_seconds": round(self.train_seconds, 3),
-                          "tokens_per_second": tok_s, "mfu": self.mfu(tok_s)}
+                          "tokens_per_second": tok_s, "mfu": self.mfu(tok_s), **routing_metrics(self.model)}
                 self.log(record)
                 val = "-" if math.isnan(self.last_val_bpb) else f"{self.last_val_bpb:.3f}"
                 bar.set_postfix_str(f"loss {loss:.3f} | {tok_s:,.0f} tok/s | val bpb {val}")

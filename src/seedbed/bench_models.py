@@ -1,0 +1,301 @@
+"""``seedbed bench seeds`` and ``seedbed bench mixkabrn``: train several models for the same
+wall-clock budget from one command, pack each, and write one table.
+
+Every row is measured the same way, in a fresh process (so its max RSS is its own):
+``Trainer`` for ``minutes`` of training time (the final val bpb is the full fp32 eval),
+then ``pack`` with the default int8 rule, then the packed artifact is evaluated again on
+the whole val split, so the table's bytes and bpb belong to the same file.
+
+The streaming row builds the 10-billion-virtual-parameter preset in a fresh process (so
+its max RSS is its own), packs it, loads the artifact back and times a forward pass and
+a training step; it is a memory and speed demonstration, not trained to convergence.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import platform
+import queue as queue_module
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from seedbed.bench import write_section
+from seedbed.config import resolve_config
+from seedbed.model import LM, count_parameters, virtual_parameters
+from seedbed.pack.artifact import QuantRule
+from seedbed.pack.pack import load_artifact, pack_model
+from seedbed.runs import load
+
+
+@dataclass
+class ModelRow:
+    label: str
+    val_bpb: float  # the trained model, full val split, fp32
+    packed_bpb: float  # the packed artifact, full val split
+    artifact_bytes: int
+    stored_params: int
+    virtual_params: int
+    train_tokens_per_second: float
+    steps: int
+    tokens: int
+    max_rss_mib: float  # the whole process: training, packing and evaluation
+    # context -> (decode tokens/s at batch 1, bytes of decoding state), measured on the artifact
+    decode: dict[int, tuple[float, int]] = field(default_factory=dict)
+
+
+def decode_speed(model: LM, context: int, steps: int = 32) -> tuple[float, int]:
+    """Median single-token decode rate after a ``context``-token prefill, and the state's size."""
+    state = model.init_state(1, context + steps)
+    prompt = torch.randint(0, model.cfg.vocab_size, (1, context), generator=torch.Generator().manual_seed(0))
+    token = prompt[:, -1:]
+    times = []
+    with torch.no_grad():
+        _, state = model.step(prompt, state)
+        for _ in range(steps):
+            start = time.perf_counter()
+            _, state = model.step(token, state)
+            times.append(time.perf_counter() - start)
+    state_bytes = sum(t.nbytes for layer in state for t in
+                      (layer.values() if isinstance(layer, dict) else [layer]) if isinstance(t, torch.Tensor))
+    return 1 / statistics.median(times), state_bytes
+
+
+def in_fresh_process(function, *args):
+    """Run ``function(*args, queue)`` in a spawned process and return what it puts on the queue."""
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    child = context.Process(target=function, args=(*args, queue))
+    child.start()
+    while True:
+        try:
+            result = queue.get(timeout=1.0)
+            break
+        except queue_module.Empty:
+            if not child.is_alive():
+                raise RuntimeError(f"{function.__name__} died (exit code {child.exitcode})") from None
+    child.join()
+    if isinstance(result, BaseException):
+        raise result
+    return result
+
+
+def _train_and_pack(label: str, preset: str, overrides: list[str], minutes: float, run_dir: Path, quant: str,
+                    decode_contexts: list[int], queue) -> None:
+    from seedbed.train.trainer import Trainer
+
+    try:
+        cfg = resolve_config(preset, overrides=[*overrides, f"train.minutes={minutes}", "train.steps=0"])
+        result = Trainer(cfg, run_dir, progress=True).run()
+        loaded = load(run_dir)
+        packed = pack_model(loaded, run_dir / "model.seedbed", QuantRule.parse(quant))
+        artifact = load_artifact(packed.path)
+        packed_bpb = artifact.evaluate_split(cfg.data.spec, "val").bpb
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        decode = {context: decode_speed(artifact.model, context) for context in decode_contexts}
+        queue.put(ModelRow(label, result.val_bpb, packed_bpb, packed.size, count_parameters(loaded.model),
+                           virtual_parameters(loaded.model), result.tokens_per_second, result.steps, result.tokens,
+                           rss, decode))
+    except BaseException as error:  # noqa: BLE001 - handed to the parent, which re-raises it
+        queue.put(RuntimeError(f"[{label}] {type(error).__name__}: {error}"))
+
+
+def train_and_pack(label: str, preset: str, overrides: list[str], minutes: float, workdir: Path,
+                   quant: str = "int8", decode_contexts: list[int] | None = None) -> ModelRow:
+    print(f"[{label}] training {preset} {' '.join(overrides)} for {minutes:g} min ...", file=sys.stderr)
+    run_dir = workdir / label.replace(" ", "-").replace("+", "-")
+    return in_fresh_process(_train_and_pack, label, preset, overrides, minutes, run_dir, quant, decode_contexts or [])
+
+
+def generation_milliseconds(preset: str, overrides: list[str]) -> float:
+    """Time to grow every generated tensor of the model once from its seeds (what a cache miss costs)."""
+    from seedbed.model.seeded import SeedCache
+
+    torch.manual_seed(0)
+    model = LM(resolve_config(preset, overrides=overrides).model)
+    caches = [m for m in model.modules() if isinstance(m, SeedCache)]
+    if not caches:
+        return 0.0
+    start = time.perf_counter()
+    for module in caches:
+        module._build(module.build_factors if getattr(module, "factored", False) else module.build,
+                      tuple(module.seeds.tolist()))
+    return 1000 * (time.perf_counter() - start)
+
+
+def _measure_streaming(preset: str, context: int, out_dir: str, queue) -> None:
+    """In a fresh process: build, pack, reload, then time a forward pass and a training step."""
+    from seedbed.data.tokenizer import ByteTokenizer
+    from seedbed.runs import LoadedModel
+
+    cfg = resolve_config(preset)
+    torch.manual_seed(0)
+    model = LM(cfg.model)
+    packed = pack_model(LoadedModel(model, cfg, ByteTokenizer(), Path(out_dir)), Path(out_dir) / "model.seedbed",
+                        QuantRule.parse("int8"))
+    del model
+    model = load_artifact(packed.path).model
+    tokens = torch.randint(0, cfg.model.vocab_size, (1, context + 1), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        start = time.perf_counter()
+        model(tokens[:, :-1])
+        forward_s = time.perf_counter() - start
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    start = time.perf_counter()
+    loss = model.loss(tokens[:, :-1], tokens[:, 1:])
+    loss.backward()
+    optimizer.step()
+    train_s = time.perf_counter() - start
+    queue.put({"virtual": virtual_parameters(model), "stored": count_parameters(model), "bytes": packed.size,
+               "forward_s_per_token": forward_s / context, "train_s_per_token": train_s / context,
+               "loss": loss.item(), "max_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
+
+
+def streaming_row(preset: str = "germinator-10b", context: int = 256) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        return in_fresh_process(_measure_streaming, preset, context, tmp)
+
+
+SEED_MODELS = [
+    ("dense", "gpt", []),
+    ("seeded", "gpt", ['model.linear={kind="seeded", rank=32, keep=0.75}']),
+    ("orthogonal-lora", "gpt", ['model.linear={kind="orthogonal-lora", rank=64}']),
+    ("gaussian-lora", "gpt", ['model.linear={kind="gaussian-lora", rank=64}']),
+    ("germinator", "germinator", []),
+]
+
+
+def bench_seeds(minutes: float, output: Path, stream_preset: str = "germinator-10b") -> None:
+    rows, generation = [], {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for label, preset, overrides in SEED_MODELS:
+            rows.append(train_and_pack(label, preset, overrides, minutes, Path(tmp)))
+            generation[label] = generation_milliseconds(preset, overrides)
+    print(f"[streaming] {stream_preset} forward and training step in a fresh process ...", file=sys.stderr)
+    stream = streaming_row(stream_preset)
+    dense_speed = rows[0].train_tokens_per_second
+    lines = [
+        "## seedbed bench seeds",
+        "",
+        f"`seedbed bench seeds --minutes {minutes:g}` on {platform.processor() or platform.machine()}, "
+        f"{torch.get_num_threads()} threads, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}. "
+        f"Every model trains for {minutes:g} minutes on the default corpus (gpt shape: 6 layers, width 256, "
+        "context 256, bytes) and is packed with the default int8 rule; val bpb is the full val split "
+        "(296,270 bytes), before and after packing. Generation is the time to grow all of a model's "
+        "seeded tensors once (a cache miss; with cached weights a step pays nothing for it).",
+        "",
+        "| model | val bpb | packed val bpb | artifact bytes | stored params | virtual params "
+        "| train tokens/s (vs dense) | generation ms | max RSS MiB |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in rows:
+        lines.append(f"| {r.label} | {r.val_bpb:.4f} | {r.packed_bpb:.4f} | {r.artifact_bytes:,} | "
+                     f"{r.stored_params:,} | {r.virtual_params:,} | {r.train_tokens_per_second:,.0f} "
+                     f"({r.train_tokens_per_second / dense_speed:.2f}x) | {generation[r.label]:.0f} "
+                     f"| {r.max_rss_mib:,.0f} |")
+    lines += [
+        f"| {stream_preset} (layer streaming, untrained) | — | — | {stream['bytes']:,} | {stream['stored']:,} | "
+        f"{stream['virtual']:,} | {1 / stream['train_s_per_token']:,.1f} | — | {stream['max_rss_mib']:,.0f} |",
+        "",
+        f"Streaming row: `{stream_preset}` built, packed, loaded back from its artifact and run in a fresh "
+        f"process at context 256, fp32: forward {stream['forward_s_per_token']:.4f} s/token, training step "
+        f"(forward, backward with regeneration, AdamW) {stream['train_s_per_token']:.4f} s/token, "
+        f"max RSS {stream['max_rss_mib']:,.0f} MiB.",
+    ]
+    write_section(output, "## seedbed bench seeds", "\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+MIXKABRN_MODELS = [
+    ("gpt", "gpt", []),
+    ("gpt+bitlinear", "gpt", ['model.linear={kind="bitlinear"}']),
+    ("gpt+kan", "gpt", ['model.ffn={kind="kan", basis="rbf"}']),
+    ("retention", "gpt", ['model.mixer={kind="retention", n_heads=4}']),
+    ("moe", "gpt", ['model.ffn={kind="moe"}']),
+    ("mixkabrn", "mixkabrn", []),
+]
+DECODE_CONTEXTS = [256, 4096]
+
+
+def ffn_speed_rows(d_model: int = 256, tokens: int = 4096, repeats: int = 7) -> list[tuple[str, int, int, float]]:
+    """KAN beside an MLP of (about) equal parameters: params, forward FLOPs/token, median fwd+bwd ms."""
+    from seedbed.model.kan import KAN, flops_per_token
+    from seedbed.model.layers import BuildContext
+    from seedbed.model.mlp import MLP
+
+    ctx = BuildContext(d_model, 1, 0, 256, {"kind": "dense"}, {"kind": "rmsnorm"})
+    torch.manual_seed(0)
+    layers = {"mlp (mult 4, relu2)": (MLP(MLP.Options(), ctx), 2 * 2 * 4 * d_model * d_model)}
+    for basis in ("bspline", "rbf"):
+        options = KAN.Options(basis=basis)
+        layers[f"kan {basis} (matched params)"] = (KAN(options, ctx), flops_per_token(d_model, options))
+    x = torch.randn(tokens, d_model)
+    ids = torch.zeros(tokens, dtype=torch.long)
+    times: dict[str, list[float]] = {name: [] for name in layers}
+    for _ in range(repeats):  # interleaved, so load drifts hit every layer alike
+        for name, (layer, _) in layers.items():
+            start = time.perf_counter()
+            layer(x.requires_grad_(), ids).square().mean().backward()
+            times[name].append(time.perf_counter() - start)
+    return [(name, count_parameters(layer), flops, 1000 * statistics.median(times[name]))
+            for name, (layer, flops) in layers.items()]
+
+
+def bench_mixkabrn(minutes: float, output: Path) -> None:
+    from seedbed.model.bitlinear import bench_ternary_matmul
+
+    with tempfile.TemporaryDirectory() as tmp:
+        rows = [train_and_pack(label, preset, overrides, minutes, Path(tmp), decode_contexts=DECODE_CONTEXTS)
+                for label, preset, overrides in MIXKABRN_MODELS]
+    print("[ffn] kan beside mlp ...", file=sys.stderr)
+    ffn_rows = ffn_speed_rows()
+    print("[ternary] packed-ternary matmul beside float ...", file=sys.stderr)
+    matmul_rows = bench_ternary_matmul([(256, 1024), (512, 1536), (1024, 4096)])
+    lines = [
+        "## seedbed bench mixkabrn",
+        "",
+        f"`seedbed bench mixkabrn --minutes {minutes:g}` on {platform.processor() or platform.machine()}, "
+        f"{torch.get_num_threads()} threads, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}. "
+        f"Every model trains for {minutes:g} minutes on the default corpus in its own process (gpt shape: "
+        "6 layers, width 256, context 256, bytes; each row swaps one component) and is packed with the "
+        "default int8 rule (bitlinear weights go ternary, 1.6 bits). val bpb is the full val split "
+        "(296,270 bytes) of the packed artifact. Decoding is batch 1 on the artifact, median of 32 "
+        "single-token steps after a prefill of the given context; state is the cache or recurrent "
+        "state at that context. Peak memory is the max RSS of the row's process (train, pack, eval, decode).",
+        "",
+        "| model | val bpb (packed) | artifact bytes | train tokens/s | decode tok/s @256 | decode tok/s @4096 "
+        "| state @256 | state @4096 | peak RSS MiB |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in rows:
+        (rate_short, state_short), (rate_long, state_long) = r.decode[256], r.decode[4096]
+        lines.append(f"| {r.label} | {r.packed_bpb:.4f} | {r.artifact_bytes:,} | {r.train_tokens_per_second:,.0f} "
+                     f"| {rate_short:,.0f} | {rate_long:,.0f} | {state_short / 2**10:,.0f} KiB "
+                     f"| {state_long / 2**10:,.0f} KiB | {r.max_rss_mib:,.0f} |")
+    lines += [
+        "",
+        "Feed-forward alone, d_model 256, 4,096 tokens, forward + backward, fp32, median of 7 interleaved runs:",
+        "",
+        "| ffn | params | forward FLOPs/token | ms per fwd+bwd |",
+        "| --- | ---: | ---: | ---: |",
+    ]
+    lines += [f"| {name} | {params:,} | {flops:,} | {ms:.1f} |" for name, params, flops, ms in ffn_rows]
+    lines += [
+        "",
+        "Batch-1 matmul x W^T (1 x in times in x out), median microseconds:",
+        "",
+        "| in -> out | fp32 | bf16 | float ternary | packed ternary (int8) | bitlinear layer (eval) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    lines += [f"| {m['in_features']} -> {m['out_features']} | {m['fp32_dense_us']:.1f} | {m['bf16_dense_us']:.1f} "
+              f"| {m['ternary_reference_us']:.1f} | {m.get('ternary_int8_us', float('nan')):.1f} "
+              f"| {m['bitlinear_eval_us']:.1f} |" for m in matmul_rows]
+    write_section(output, "## seedbed bench mixkabrn", "\n".join(lines) + "\n")
+    print("\n".join(lines))

@@ -1,0 +1,226 @@
+"""BitLinear: ternary weights, integer activations, straight-through gradients, exact packing,
+and the int8 inference kernel against its float reference."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from seedbed.config import ModelConfig, RunConfig
+from seedbed.data import tokenizer_from_proto
+from seedbed.errors import UserError
+from seedbed.model import LM
+from seedbed.model.bitlinear import (INT8_MATMUL_ON_CPU, BitLinear, bench_ternary_matmul, quantise_activations,
+                                     ternarise, ternary_matmul_int8, ternary_matmul_reference)
+from seedbed.model.layers import DenseLinear
+from seedbed.pack.artifact import QuantRule, read_artifact
+from seedbed.pack.pack import load_artifact, pack_model
+from seedbed.registry import LINEARS
+from seedbed.runs import LoadedModel
+
+
+def make_layer(in_features=48, out_features=40, seed=0, **options) -> BitLinear:
+    torch.manual_seed(seed)
+    entry, opts = LINEARS.options({"kind": "bitlinear", **options}, "test")
+    return entry.cls(in_features, out_features, opts)
+
+
+def brief_reference(layer: BitLinear, x: torch.Tensor) -> torch.Tensor:
+    """The BitNet b1.58 forward written out from the paper's formulas, independently of the module."""
+    x = x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+    w = layer.weight.detach()
+    scale = w.abs().mean()
+    w_q = torch.clamp(torch.round(w / scale), -1, 1) * scale
+    absmax = x.abs().amax(-1, keepdim=True)
+    x_q = torch.clamp(torch.round(x * 127 / absmax), -128, 127) * absmax / 127
+    return x_q @ w_q.T
+
+
+def test_weights_are_exactly_ternary_with_the_absmean_scale():
+    w = make_layer().weight.detach()
+    trits, scale = ternarise(w)
+    assert scale == w.abs().mean()
+    assert set((trits * scale).unique().tolist()) == {-scale.item(), 0.0, scale.item()}
+    assert torch.equal(trits, torch.clamp(torch.round(w / w.abs().mean()), -1, 1))
+
+
+def test_quantiser_is_idempotent_on_ternary_grids():
+    w = make_layer().weight.detach()
+    trits, scale = ternarise(w)
+    again_trits, again_scale = ternarise(trits * scale)
+    assert torch.equal(again_trits, trits) and again_scale == scale
+    # Plain absmean would have shrunk the grid by its fraction of nonzeros.
+    assert (trits * scale).abs().mean() < 0.9 * scale
+    zero_trits, _ = ternarise(torch.zeros(4, 5))
+    assert torch.equal(zero_trits, torch.zeros(4, 5))
+
+
+def test_forward_matches_the_bitnet_formulas():
+    layer = make_layer()
+    x = torch.randn(3, 7, 48)
+    torch.testing.assert_close(layer(x), brief_reference(layer, x), rtol=1e-5, atol=1e-6)
+    # Quantising x and dividing the step by rms(x) is quantising the normed x.
+    levels, step = layer.quantised_input(x)
+    normed_levels, normed_step = quantise_activations(F.rms_norm(x, (48,), None, 1e-6), 8)
+    assert torch.equal(levels, normed_levels)
+    torch.testing.assert_close(step, normed_step, rtol=1e-6, atol=0)
+
+
+def test_activations_take_at_most_256_levels_per_token():
+    x = torch.randn(5, 4096) * torch.linspace(0.1, 10, 5)[:, None]
+    levels, step = quantise_activations(x, 8)
+    assert torch.equal(levels, levels.round()) and levels.min() >= -128 and levels.max() <= 127
+    for row in levels:
+        assert 150 < row.unique().numel() <= 255  # symmetric: -127..127; 4096 normals fill most of it
+    assert ((levels * step - x).abs() <= step / 2 * (1 + 1e-5)).all()
+    four_bit, _ = quantise_activations(x, 4)
+    assert max(row.unique().numel() for row in four_bit) <= 15
+
+
+def test_straight_through_gradients_are_those_of_the_quantised_linear():
+    layer = make_layer(norm=False).train()
+    x = torch.randn(6, 48, requires_grad=True)
+    grad_out = torch.randn(6, 40)
+    (layer(x) * grad_out).sum().backward()
+    # The same forward from leaves holding the quantised values: its gradients are what the STE passes on.
+    trits, scale = ternarise(layer.weight.detach())
+    levels, step = quantise_activations(x.detach(), 8)
+    w_q = (trits * scale).requires_grad_()
+    x_q = (levels * step).requires_grad_()
+    (F.linear(x_q, w_q) * grad_out).sum().backward()
+    torch.testing.assert_close(layer.weight.grad, w_q.grad, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(layer.weight.grad, grad_out.T @ x_q.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x.grad, x_q.grad, rtol=1e-6, atol=1e-6)
+
+
+def test_zero_init_gives_zero_outputs_and_live_gradients():
+    entry, opts = LINEARS.options({"kind": "bitlinear"}, "test")
+    layer = entry.cls(16, 8, opts, zero_init=True)
+    x = torch.randn(4, 16)
+    y = layer(x)
+    assert torch.equal(y, torch.zeros(4, 8))
+    y.sum().backward()
+    assert torch.isfinite(layer.weight.grad).all() and layer.weight.grad.abs().sum() > 0
+    with torch.no_grad():
+        assert torch.equal(layer.eval()(x), torch.zeros(4, 8))
+
+
+@pytest.mark.skipif(not INT8_MATMUL_ON_CPU, reason="torch._int_mm does not run on this CPU")
+@pytest.mark.parametrize("shape", [(1, 48), (2, 9, 48), (33, 48)])
+def test_int8_kernel_equals_float_reference_exactly(shape):
+    layer = make_layer().eval()
+    x = torch.randn(*shape)
+    trits, scale = ternarise(layer.weight.detach())
+    levels, step = layer.quantised_input(x)
+    reference = ternary_matmul_reference(levels, step, trits, scale)
+    assert torch.equal(ternary_matmul_int8(levels, step, trits.to(torch.int8), scale), reference)
+    with torch.no_grad():
+        assert torch.equal(layer(x), reference)
+    # The training path sums the same products in another order.
+    torch.testing.assert_close(layer.train()(x), reference, rtol=1e-5, atol=1e-6)
+
+
+def test_float_activations_option():
+    layer = make_layer(activation_bits=0)
+    x = torch.randn(5, 48)
+    train_out = layer(x)
+    with torch.no_grad():
+        torch.testing.assert_close(layer.eval()(x), train_out, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(make_layer(activation_bits=8)(x), train_out)
+    with pytest.raises(UserError, match="activation_bits must be 0"):
+        make_layer(activation_bits=9)
+
+
+def test_inference_cache_follows_weight_changes():
+    layer = make_layer().eval()
+    x = torch.randn(3, 48)
+    with torch.no_grad():
+        before = layer(x)
+        assert layer.packed()[0] is layer.packed()[0]  # unchanged weight: no rebuild
+    optimizer = torch.optim.SGD(layer.parameters(), lr=0.5)
+    layer.train()
+    (layer(x) ** 2).sum().backward()
+    optimizer.step()
+    layer.eval()
+    with torch.no_grad():
+        after = layer(x)
+        assert not torch.equal(after, before)
+        torch.testing.assert_close(after, brief_reference(layer, x), rtol=1e-5, atol=1e-6)
+        other = make_layer(seed=1)
+        layer.load_state_dict(other.state_dict())
+        assert torch.equal(layer(x), other.eval()(x))
+
+
+def bitlinear_model(tmp_path) -> LoadedModel:
+    """A 2-layer bitlinear LM with an untied head, trained two steps so no weight sits at its init."""
+    torch.manual_seed(0)
+    cfg = RunConfig(model=ModelConfig(vocab_size=256, d_model=32, n_layers=2, max_seq_len=32, tie_embeddings=False,
+                                      mixer={"kind": "attention", "n_heads": 4}, linear={"kind": "bitlinear"}))
+    model = LM(cfg.model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    tokens = torch.randint(0, 256, (4, 17))
+    for _ in range(2):
+        model.loss(tokens[:, :-1], tokens[:, 1:]).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return LoadedModel(model, cfg, tokenizer_from_proto(None), tmp_path)
+
+
+def bitlinear_names(model: LM) -> list[str]:
+    return [f"{name}.weight" for name, module in model.named_modules() if isinstance(module, BitLinear)]
+
+
+def test_head_stays_dense():
+    model = bitlinear_model(None).model
+    assert isinstance(model.head, DenseLinear)
+    assert isinstance(model.blocks[0].mixer.q, BitLinear) and isinstance(model.blocks[1].ffn.down, BitLinear)
+
+
+def test_pack_stores_ternary_and_load_reproduces_logits_exactly(tmp_path):
+    loaded = bitlinear_model(tmp_path)
+    model = loaded.model.train()
+    tokens = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(3))
+    train_logits = model(tokens)
+    with torch.no_grad():
+        eval_logits = model.eval()(tokens)
+    # An explicit pattern still wins over the declared kind; the fp32 default does not.
+    path = tmp_path / "bit.seedbed"
+    pack_model(loaded, path, QuantRule.parse("fp32,blocks.1.mixer.q.weight=fp32"))
+    entries = {e["name"]: e for e in read_artifact(path).manifest["tensors"]}
+    names = bitlinear_names(model)
+    assert entries["blocks.1.mixer.q.weight"]["kind"] == "fp32"
+    assert entries["head.weight"]["kind"] == "fp32"
+    for name in set(names) - {"blocks.1.mixer.q.weight"}:
+        assert entries[name]["kind"] == "ternary"
+        numel = model.get_parameter(name).numel()
+        assert entries[name]["length"] == -(-numel // 5) + 4  # 1.6 bits per weight and one float32 scale
+
+    restored = load_artifact(path).model
+    for name in set(names) - {"blocks.1.mixer.q.weight"}:
+        decoded = restored.get_parameter(name).detach()
+        trits, scale = ternarise(model.get_parameter(name).detach())
+        assert torch.equal(decoded, trits * scale)  # exactly ternary times the layer's own scale
+    with torch.no_grad():
+        assert torch.equal(restored(tokens), eval_logits)
+    assert torch.equal(restored.train()(tokens), train_logits)
+
+
+def test_repacking_a_loaded_artifact_keeps_its_weights(tmp_path):
+    first = tmp_path / "first.seedbed"
+    pack_model(bitlinear_model(tmp_path), first, QuantRule.parse("int8"))
+    loaded = load_artifact(first)
+    second = tmp_path / "second.seedbed"
+    pack_model(loaded, second, QuantRule.parse("int8"))
+    again = load_artifact(second)
+    for name in bitlinear_names(loaded.model):
+        trits, scale = ternarise(loaded.model.get_parameter(name).detach())
+        trits_again, scale_again = ternarise(again.model.get_parameter(name).detach())
+        assert torch.equal(trits_again, trits)
+        torch.testing.assert_close(scale_again, scale, rtol=1e-6, atol=0)
+
+
+def test_bench_reports_medians_for_every_candidate():
+    (row,) = bench_ternary_matmul([(64, 96)], min_run_time=0.01)
+    assert (row["in_features"], row["out_features"]) == (64, 96)
+    expected = {"fp32_dense_us", "bf16_dense_us", "ternary_reference_us", "bitlinear_eval_us"}
+    expected |= {"ternary_int8_us"} if INT8_MATMUL_ON_CPU else set()
+    assert expected <= set(row) and all(row[key] > 0 for key in expected)
