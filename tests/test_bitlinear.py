@@ -105,7 +105,7 @@ def test_zero_init_gives_zero_outputs_and_live_gradients():
 
 
 @pytest.mark.skipif(not INT8_MATMUL_ON_CPU, reason="torch._int_mm does not run on this CPU")
-@pytest.mark.parametrize("shape", [(1, 48), (2, 9, 48), (33, 48)])
+@pytest.mark.parametrize("shape", [(1, 48), (2, 9, 48), (33, 48), (1, 0, 48)])  # empty: an idle MoE expert
 def test_int8_kernel_equals_float_reference_exactly(shape):
     layer = make_layer().eval()
     x = torch.randn(*shape)

@@ -11,7 +11,7 @@ from seedbed.pack.artifact import QuantRule
 from seedbed.pack.pack import load_artifact, pack_model
 from seedbed.data import ByteTokenizer
 from seedbed.runs import LoadedModel
-from seedbed.seeds import (lowbias32, mul32, random_bits, random_int8, random_mask, random_normal, random_uniform,
+from seedbed.seeds import (CPU_BLOCK, lowbias32, mul32, random_bits, random_int8, random_mask, random_normal, random_uniform,
                            seed_from_name)
 
 # Golden values: a change here changes every seeded model ever packed.
@@ -29,6 +29,15 @@ def reference_lowbias32(x: int) -> int:
     x ^= x >> 15
     x = (x * 0x846CA68B) & 0xFFFFFFFF
     return x ^ (x >> 16)
+
+
+def reference_bits(seed: int, index: int) -> int:
+    """Element ``index`` of ``random_bits(seed, ...)``, on Python integers."""
+    unsigned = seed % 2**64
+    low, high = unsigned & 0xFFFFFFFF, unsigned >> 32
+    x = reference_lowbias32((index & 0xFFFFFFFF) ^ low)
+    x = reference_lowbias32(x ^ high ^ ((index >> 32) * 0x9E3779B9 & 0xFFFFFFFF))
+    return reference_lowbias32((x + 0x9E3779B9) & 0xFFFFFFFF)
 
 
 def test_golden_values():
@@ -52,6 +61,10 @@ def test_same_bits_on_cuda():
 
 def test_streams_are_sliceable_and_seed_dependent():
     assert torch.equal(random_bits(5, 10, offset=7), random_bits(5, 17)[7:])
+    # Across the CPU's block boundaries too: a block-sized slice at an odd offset equals the long stream.
+    long = random_bits(5, 3 * CPU_BLOCK + 11)
+    assert torch.equal(random_bits(5, CPU_BLOCK + 3, offset=CPU_BLOCK - 1), long[CPU_BLOCK - 1:2 * CPU_BLOCK + 2])
+    assert torch.equal(long[-5:], torch.tensor([reference_bits(5, i) for i in range(3 * CPU_BLOCK + 6, 3 * CPU_BLOCK + 11)]))
     assert not torch.equal(random_bits(5, 100), random_bits(6, 100))
     assert seed_from_name(1, "a") == seed_from_name(1, "a") != seed_from_name(1, "b")
 

@@ -117,7 +117,7 @@ def ternary_matmul_int8(levels: torch.Tensor, step: torch.Tensor, trits_int8: to
     rows = levels.reshape(-1, levels.shape[-1]).to(torch.int8)
     # The transposed view (column-major trits) is the layout the CPU kernel runs fastest on.
     sums = torch._int_mm(rows, trits_int8.t())
-    return sums.reshape(*levels.shape[:-1], -1) * (step * scale)  # int32 sums < 2^24 convert exactly
+    return sums.reshape(*levels.shape[:-1], trits_int8.shape[0]) * (step * scale)  # int32 sums < 2^24: exact
 
 
 def int8_matmul_works() -> bool:
