@@ -136,7 +136,7 @@ def test_seeded_models_pack_to_seeds_and_reload_identically(linear, tmp_path):
             p.add_(torch.randn_like(p) * 0.05)
     loaded = LoadedModel(model, RunConfig(model=cfg), ByteTokenizer(), tmp_path)
     path = tmp_path / "m.seedbed"
-    pack_model(loaded, path, QuantRule.parse("fp32"))
+    pack_model(loaded, path, QuantRule.parse("fp32,*lora_*=fp32"))  # adapters default to int8: keep them exact
     torch.manual_seed(99)  # a different init: everything must come from the artifact
     again = load_artifact(path).model
     tokens = torch.randint(0, 256, (2, 20))
@@ -166,3 +166,29 @@ def test_germinator_preset_trains_and_packs_to_seeds(small_corpus, tmp_path):
     stored, virtual = count_parameters(model), virtual_parameters(model)
     assert virtual > 2 * stored  # most weights are generated, not stored
     assert f"{virtual:,} virtual" in describe(path)
+
+
+def test_lora_adapters_are_stored_int8_per_row_and_reload_close(tmp_path):
+    from seedbed.pack.artifact import read_artifact
+
+    torch.manual_seed(4)
+    cfg = ModelConfig(vocab_size=256, d_model=64, n_layers=2, max_seq_len=32, mixer={"kind": "attention", "n_heads": 4},
+                      linear={"kind": "orthogonal-lora", "rank": 8})
+    model = LM(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.add_(torch.randn_like(p) * 0.05)
+    path = tmp_path / "m.seedbed"
+    pack_model(LoadedModel(model, RunConfig(model=cfg), ByteTokenizer(), tmp_path), path, QuantRule.parse("int8"))
+    kinds = {entry["name"]: entry["kind"] for entry in read_artifact(path).manifest["tensors"]}
+    adapters = [name for name in kinds if "lora_" in name]
+    assert adapters and all(kinds[name] == "int8" for name in adapters)  # small tensors, int8 all the same
+    assert all(kinds[name] == "raw" for name in kinds if name.endswith("seeds"))
+    again = load_artifact(path).model
+    for name, tensor in again.state_dict().items():
+        if "lora_" in name:
+            original = model.state_dict()[name]
+            # int8 per row: within half a step (row absmax / 127) of the original, plus the fp16 scale's rounding
+            step = original.abs().amax(dim=1, keepdim=True) / 127
+            assert torch.all((tensor - original).abs() <= 0.6 * step + 1e-8)

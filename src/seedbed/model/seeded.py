@@ -179,6 +179,9 @@ class SeededLinear(SeedCache):
 class LoRABase(SeedCache):
     """Frozen seeded basis times a learnable row gain, plus a trainable low-rank adapter."""
 
+    # The golf document stores adapters as int8 with one scale per row, whatever their size.
+    storage_kinds = {"lora_a": "int8", "lora_b": "int8"}
+
     @dataclass
     class Options:
         rank: int = 64
