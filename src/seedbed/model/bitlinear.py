@@ -72,6 +72,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils import benchmark
 
+from seedbed.model.layers import initial_weight
 from seedbed.registry import LINEARS, require
 
 SCALE_FLOOR = 1e-12  # floor of the weight scale γ and of a token's absmax a; matches the ternary storage kind
@@ -153,13 +154,7 @@ class BitLinear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.norm, self.activation_bits = options.norm, options.activation_bits
-        self.weight = nn.Parameter(torch.empty(out_features, in_features))
-        std = options.init_std or 1.0 / math.sqrt(in_features)
-        with torch.no_grad():
-            if zero_init:
-                self.weight.zero_()
-            else:
-                nn.init.trunc_normal_(self.weight, std=std, a=-3 * std, b=3 * std)
+        self.weight = initial_weight(in_features, out_features, options.init_std, zero_init)
         self._cache_key: tuple | None = None
         self._cache: tuple[torch.Tensor, torch.Tensor] | None = None
         self.use_int8 = False  # set with the cache: the int8 kernel serves CPU weights with integer activations

@@ -17,6 +17,19 @@ from torch import nn
 from seedbed.registry import LINEARS, NORMS
 
 
+def initial_weight(in_features: int, out_features: int, init_std: float, zero_init: bool) -> nn.Parameter:
+    """An (out, in) weight: zeros, or a normal of std ``init_std`` (0: 1/sqrt(in_features)) cut at 3 std,
+    so that no single weight starts far out in the tail."""
+    weight = torch.empty(out_features, in_features)
+    std = init_std or 1.0 / math.sqrt(in_features)
+    with torch.no_grad():
+        if zero_init:
+            weight.zero_()
+        else:
+            nn.init.trunc_normal_(weight, std=std, a=-3 * std, b=3 * std)
+    return nn.Parameter(weight)
+
+
 @LINEARS.register("dense")
 class DenseLinear(nn.Module):
     """A plain float weight matrix, ``y = x W^T``, no bias."""
@@ -28,14 +41,7 @@ class DenseLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, options: Options, zero_init: bool = False):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self.weight = nn.Parameter(torch.empty(out_features, in_features))
-        std = options.init_std or 1.0 / math.sqrt(in_features)
-        with torch.no_grad():
-            if zero_init:
-                self.weight.zero_()
-            else:
-                # Truncated so that no single weight starts far out in the tail.
-                nn.init.trunc_normal_(self.weight, std=std, a=-3 * std, b=3 * std)
+        self.weight = initial_weight(in_features, out_features, options.init_std, zero_init)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight.to(x.dtype))
