@@ -198,3 +198,35 @@ def test_cli_export_shards_then_train_on_them(small_corpus, tmp_path):
 def test_cli_lists_presets():
     out = seedbed("presets")
     assert out.returncode == 0 and "gpt " in out.stdout and "golf-gpt" in out.stdout
+
+
+def test_mixkabrn_preset_trains_and_packs_ternary_under_a_megabyte(small_corpus, tmp_path):
+    """The full-size preset: retention, MoE of KAN experts, ternary linears; packed within a 1 MB budget."""
+    run, artifact = tmp_path / "mix", tmp_path / "mix.seedbed"
+    out = seedbed("train", "--preset", "mixkabrn", "--steps", "2", "--data", str(small_corpus), "--out", str(run),
+                  "--no-progress", "train.batch_size=2", "train.dtype=fp32")
+    assert out.returncode == 0, out.stderr
+    packed = seedbed("pack", str(run), "-o", str(artifact), "--budget", "1000000")
+    assert packed.returncode == 0, packed.stderr
+    assert artifact.stat().st_size <= 1_000_000
+    info = seedbed("info", str(artifact))
+    assert info.returncode == 0 and "ternary" in info.stdout, info.stderr
+    sample = seedbed("generate", str(artifact), "--prompt", "KING.", "--tokens", "10", "--seed", "1")
+    assert sample.returncode == 0 and sample.stdout.startswith("KING."), sample.stderr
+
+
+def test_germinator_10b_preset_is_ten_billion_virtual_parameters_in_under_a_megabyte(tmp_path):
+    from seedbed.data import ByteTokenizer
+    from seedbed.model import LM, count_parameters, virtual_parameters
+    from seedbed.pack.artifact import QuantRule
+    from seedbed.pack.pack import load_artifact, pack_model
+    from seedbed.runs import LoadedModel
+
+    cfg = resolve_config("germinator-10b")
+    model = LM(cfg.model)  # nothing is generated until a block runs
+    assert virtual_parameters(model) >= 10_000_000_000 and count_parameters(model) < 1_000_000
+    packed = pack_model(LoadedModel(model, cfg, ByteTokenizer(), tmp_path), tmp_path / "10b.seedbed",
+                        QuantRule.parse("int8"), budget=1_000_000)
+    again = load_artifact(packed.path).model
+    assert virtual_parameters(again) == virtual_parameters(model)
+    assert all(torch.equal(a, b) for a, b in zip(again.buffers(), model.buffers()))  # the same seeds
