@@ -167,6 +167,7 @@ def streaming_row(preset: str = "germinator-10b", context: int = 256) -> dict:
         return in_fresh_process(_measure_streaming, preset, context, tmp)
 
 
+SEARCH_EVERY, SEARCH_CANDIDATES = 10, 4  # the seed-search row's settings, also quoted under the table
 SEED_MODELS = [
     ("dense", "gpt", []),
     ("seeded", "gpt", ['model.linear={kind="seeded", rank=32, keep=0.75}']),
@@ -174,7 +175,8 @@ SEED_MODELS = [
     ("gaussian-lora", "gpt", ['model.linear={kind="gaussian-lora", rank=64}']),
     ("germinator", "germinator", []),
     # The same model and bytes with the gradient-free seed search interleaved (train/seed_search.py).
-    ("germinator + seed search", "germinator", ["train.seed_search_every=10", "train.seed_search_candidates=4"]),
+    ("germinator + seed search", "germinator",
+     [f"train.seed_search_every={SEARCH_EVERY}", f"train.seed_search_candidates={SEARCH_CANDIDATES}"]),
 ]
 
 
@@ -219,7 +221,8 @@ def bench_seeds(minutes: float, output: Path, stream_preset: str = "germinator-1
         f"(forward, backward with regeneration, AdamW) {stream['train_s_per_token']:.4f} s/token, "
         f"max RSS {stream['max_rss_mib']:,.0f} MiB.",
     ]
-    lines += [f"Seed search in `{r.label}`: every 10 steps, 4 one-seed proposals scored on a fresh batch; "
+    lines += [f"Seed search in `{r.label}`: every {SEARCH_EVERY} steps, {SEARCH_CANDIDATES} one-seed proposals "
+              "scored on a fresh batch; "
               f"{r.seed_search[0]} of {r.seed_search[1]} rounds accepted a proposal."
               for r in rows if r.seed_search[1]]
     write_section(output, "## seedbed bench seeds", "\n".join(lines) + "\n")
