@@ -4,7 +4,8 @@ import pytest
 
 from seedbed.config import resolve_config
 from seedbed.data import Dataset, load_dataset, load_documents
-from seedbed.runs import LoadedModel, load
+from seedbed.loaded import LoadedModel
+from seedbed.runs import load
 from seedbed.train.trainer import Trainer
 
 

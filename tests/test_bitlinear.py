@@ -9,13 +9,14 @@ from seedbed.config import ModelConfig, RunConfig
 from seedbed.data import tokenizer_from_proto
 from seedbed.errors import UserError
 from seedbed.model import LM
-from seedbed.model.bitlinear import (INT8_MATMUL_ON_CPU, BitLinear, bench_ternary_matmul, quantise_activations,
+from seedbed.bench.ternary import bench_ternary_matmul
+from seedbed.model.bitlinear import (INT8_MATMUL_ON_CPU, BitLinear, quantise_activations,
                                      ternarise, ternary_matmul_int8, ternary_matmul_reference)
 from seedbed.model.layers import DenseLinear
 from seedbed.pack.artifact import QuantRule, read_artifact
 from seedbed.pack.pack import load_artifact, pack_model
 from seedbed.registry import LINEARS
-from seedbed.runs import LoadedModel
+from seedbed.loaded import LoadedModel
 
 
 def make_layer(in_features=48, out_features=40, seed=0, **options) -> BitLinear:

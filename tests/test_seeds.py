@@ -10,7 +10,7 @@ from seedbed.model.seeded import OrthogonalLoRALinear, SeededLinear
 from seedbed.pack.artifact import QuantRule
 from seedbed.pack.pack import load_artifact, pack_model
 from seedbed.data import ByteTokenizer
-from seedbed.runs import LoadedModel
+from seedbed.loaded import LoadedModel
 from seedbed.seeds import (CPU_BLOCK, lowbias32, mul32, random_bits, random_int8, random_mask, random_normal, random_uniform,
                            seed_from_name)
 

@@ -220,7 +220,7 @@ def test_germinator_10b_preset_is_ten_billion_virtual_parameters_in_under_a_mega
     from seedbed.model import LM, count_parameters, virtual_parameters
     from seedbed.pack.artifact import QuantRule
     from seedbed.pack.pack import load_artifact, pack_model
-    from seedbed.runs import LoadedModel
+    from seedbed.loaded import LoadedModel
 
     cfg = resolve_config("germinator-10b")
     model = LM(cfg.model)  # nothing is generated until a block runs

@@ -282,8 +282,8 @@ def cmd_presets(args: argparse.Namespace) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
-    from seedbed.bench import bench_codec, bench_train
-    from seedbed.bench_models import bench_mixkabrn, bench_seeds
+    from seedbed.bench.models import bench_mixkabrn, bench_seeds
+    from seedbed.bench.train import bench_codec, bench_train
 
     if args.suite == "train":
         bench_train(args.minutes, Path(args.output))

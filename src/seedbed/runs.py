@@ -1,72 +1,16 @@
-"""Loading a trained run for evaluation and generation: ``seedbed.load(path)``."""
+"""Loading a trained run or an artifact for evaluation and generation: ``seedbed.load(path)``."""
 
 from __future__ import annotations
 
-import codecs
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-import torch
-
-from seedbed.config import RunConfig, config_from_dict, read_config_file
-from seedbed.data import load_dataset, load_documents, split_documents, tokenizer_from_proto
+from seedbed.config import config_from_dict, read_config_file
+from seedbed.data import tokenizer_from_proto
 from seedbed.errors import UserError
-from seedbed.eval import EvalResult, evaluate_bpb
+from seedbed.loaded import LoadedModel
 from seedbed.model import LM
+from seedbed.pack.pack import load_artifact
 from seedbed.train.checkpoint import CHECKPOINT_NAME, load_checkpoint
-
-
-@dataclass
-class LoadedModel:
-    model: LM
-    config: RunConfig
-    tokenizer: object
-    path: Path
-
-    def encode(self, data: bytes) -> np.ndarray:
-        return self.tokenizer.encode(data)
-
-    def stream(self, prompt: str, tokens: int = 200, temperature: float = 1.0, top_k: int = 0,
-               top_p: float = 1.0, seed: int | None = None) -> Iterator[str]:
-        """Yield generated text piece by piece, decoding UTF-8 incrementally."""
-        prompt_ids = [int(t) for t in self.encode(prompt.encode("utf-8"))]
-        if not prompt_ids:
-            raise UserError("the prompt is empty; give at least one character")
-        generator = torch.Generator().manual_seed(seed) if seed is not None else None
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        for token in self.model.generate(prompt_ids, tokens, temperature, top_k, top_p, generator):
-            piece = decoder.decode(self.tokenizer.decode([token]))
-            if piece:
-                yield piece
-        tail = decoder.decode(b"", final=True)
-        if tail:
-            yield tail
-
-    def generate(self, prompt: str, tokens: int = 200, **kwargs) -> str:
-        return "".join(self.stream(prompt, tokens, **kwargs))
-
-    def evaluate(self, data: bytes, stride: int = 0, batch_size: int = 16) -> EvalResult:
-        """Honest bpb of a byte string (a whole text scored left to right)."""
-        tokens = self.encode(data)
-        return evaluate_bpb(self.model, tokens, len(data), self.config.model.max_seq_len, stride,
-                            batch_size=batch_size)
-
-    def evaluate_split(self, spec: str, split: str, stride: int = 0, max_tokens: int = 0) -> EvalResult:
-        """bpb on one split of a corpus (its first ``max_tokens`` tokens if given), in this model's tokenizer."""
-        if spec.startswith("shards:"):  # already tokens: the shards' own tokenizer counts the bytes
-            chosen = getattr(load_dataset(spec, self.config.data.tokenizer, self.config.data.vocab_size), split)
-            tokens, n_bytes = chosen.tokens, chosen.n_bytes
-        else:
-            train, val, test = split_documents(load_documents(spec))
-            docs = {"train": train, "val": val, "test": test}[split]
-            tokens = np.concatenate([self.encode(doc.data) for doc in docs])
-            n_bytes = sum(len(doc.data) for doc in docs)
-        if 0 < max_tokens < len(tokens):
-            tokens = tokens[:max_tokens]
-            n_bytes = self.tokenizer.count_bytes(tokens)
-        return evaluate_bpb(self.model, tokens, n_bytes, self.config.model.max_seq_len, stride)
 
 
 def load(path: str | Path) -> LoadedModel:
@@ -75,8 +19,6 @@ def load(path: str | Path) -> LoadedModel:
     if not path.exists():
         raise UserError(f"{path} does not exist")
     if path.is_file():
-        from seedbed.pack.pack import load_artifact
-
         return load_artifact(path)
     if not (path / "config.toml").is_file() or not (path / CHECKPOINT_NAME).is_file():
         raise UserError(f"{path} is not a finished run folder (needs config.toml and {CHECKPOINT_NAME})")

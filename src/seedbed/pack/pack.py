@@ -12,6 +12,7 @@ from torch import nn
 from seedbed.config import config_from_dict
 from seedbed.data import tokenizer_from_proto
 from seedbed.errors import UserError
+from seedbed.loaded import LoadedModel
 from seedbed.model import LM, virtual_parameters
 from seedbed.pack.artifact import (CODECS, HEADER, QuantRule, build_payload, encode_artifact, group_name, read_artifact,
                                    write_artifact)
@@ -76,8 +77,6 @@ def pack_model(loaded, out: str | Path, rule: QuantRule, budget: int | None = No
 
 def load_artifact(path: str | Path):
     """An artifact as a LoadedModel, exactly like a run folder."""
-    from seedbed.runs import LoadedModel
-
     artifact = read_artifact(path)
     cfg = config_from_dict(artifact.config)
     model = LM(cfg.model)

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from seedbed.bench import write_section
+from seedbed.bench.train import write_section
 from seedbed.config import resolve_config
 from seedbed.model import LM, count_parameters, virtual_parameters
 from seedbed.pack.artifact import QuantRule
@@ -136,7 +136,7 @@ def generation_milliseconds(preset: str, overrides: list[str]) -> float:
 def _measure_streaming(preset: str, context: int, out_dir: str, queue) -> None:
     """In a fresh process: build, pack, reload, then time a forward pass and a training step."""
     from seedbed.data.tokenizer import ByteTokenizer
-    from seedbed.runs import LoadedModel
+    from seedbed.loaded import LoadedModel
 
     cfg = resolve_config(preset)
     torch.manual_seed(0)
@@ -265,7 +265,7 @@ def ffn_speed_rows(d_model: int = 256, tokens: int = 4096, repeats: int = 7) -> 
 
 
 def bench_mixkabrn(minutes: float, output: Path) -> None:
-    from seedbed.model.bitlinear import bench_ternary_matmul
+    from seedbed.bench.ternary import bench_ternary_matmul
 
     with tempfile.TemporaryDirectory() as tmp:
         rows = [train_and_pack(label, preset, overrides, minutes, Path(tmp), decode_contexts=DECODE_CONTEXTS)

@@ -1,0 +1,1 @@
+"""`seedbed bench`: measurements kept apart from the library code they measure."""
