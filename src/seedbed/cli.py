@@ -150,7 +150,8 @@ def cmd_train(args: argparse.Namespace) -> None:
     if trainer.dist.main:
         mfu = f"{result.mfu:.1%}" if result.mfu is not None else "n/a"
         print(f"steps {result.steps}  tokens {result.tokens:,}  train time {result.train_seconds:.1f} s  "
-              f"{result.tokens_per_second:,.0f} tok/s  MFU {mfu}")
+              f"(+ warm-up {result.warmup_seconds:.1f} s, not counted)  {result.tokens_per_second:,.0f} tok/s  "
+              f"MFU {mfu}")
         print(f"val bpb {result.val_bpb:.4f}")
         print(f"run folder {run_dir}")
 

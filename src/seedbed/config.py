@@ -121,6 +121,30 @@ class RunConfig:
         return tomli_w.dumps(self.to_dict())
 
 
+# What ``seedbed train --resume RUN key=value`` may change: how long and how fast to train,
+# how often to evaluate and checkpoint, and how to run. Everything else (the model's shape,
+# the data and tokenizer, the batch, the seed) is fixed by the checkpoint.
+RESUMABLE_TRAIN_KEYS = frozenset({
+    "steps", "minutes", "lr", "matrix_lr", "momentum", "beta1", "beta2", "weight_decay", "warmup_steps",
+    "schedule", "warmdown_frac", "min_lr_frac", "grad_clip", "dtype", "compile", "device", "threads",
+    "eval_every_seconds", "eval_tokens", "eval_stride", "checkpoint_every_seconds", "checkpoint_every_steps",
+    "log_every", "seed_search_every", "seed_search_candidates"})
+
+
+def check_resume_config(saved: dict[str, Any], cfg: RunConfig, skip: frozenset[str] = frozenset()) -> None:
+    """Refuse, naming the key, a resumed config that differs from the checkpoint's where it cannot
+    (keys in ``skip``, written ``section.key``, are left for a later check)."""
+    new = cfg.to_dict()
+    for section in SECTIONS:
+        for key in sorted(set(saved.get(section, {})) | set(new[section])):
+            if (section == "train" and key in RESUMABLE_TRAIN_KEYS) or f"{section}.{key}" in skip:
+                continue
+            before, after = saved.get(section, {}).get(key), new[section].get(key)
+            if before != after:
+                raise UserError(f"cannot resume with {section}.{key}={after!r}: the checkpoint was trained "
+                                f"with {before!r}, and {section}.{key} cannot change mid-run")
+
+
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
 
 

@@ -71,6 +71,9 @@ def optimizer_tensors(optimizers: list[torch.optim.Optimizer]) -> tuple[dict[str
 
 
 def restore_optimizers(optimizers: list[torch.optim.Optimizer], tensors: dict[str, torch.Tensor], groups: list) -> None:
+    """Load the optimizers' state (moments, momentum buffers, step counts); their hyperparameters
+    (learning rates, betas, weight decay) stay those the optimizers were built with, so a
+    resumed run obeys its current config."""
     if len(groups) != len(optimizers):
         raise UserError("checkpoint optimizer layout does not match the model's (was the config changed?)")
     for i, opt in enumerate(optimizers):
@@ -80,4 +83,7 @@ def restore_optimizers(optimizers: list[torch.optim.Optimizer], tensors: dict[st
             if name.startswith(prefix):
                 index, key = name[len(prefix):].split(".", 1)
                 state.setdefault(int(index), {})[key] = value
+        configured = [{k: v for k, v in group.items() if k != "params"} for group in opt.param_groups]
         opt.load_state_dict({"state": state, "param_groups": groups[i]})
+        for group, settings in zip(opt.param_groups, configured):
+            group.update(settings)

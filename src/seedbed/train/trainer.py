@@ -2,7 +2,10 @@
 
 A run folder holds ``config.toml`` (resolved), ``metrics.jsonl``, ``curve.png``,
 ``checkpoint.safetensors`` and, for SentencePiece, ``tokenizer.model``. The wall-clock
-budget counts training steps only; evaluation and checkpointing are not charged to it.
+budget counts training steps only; evaluation and checkpointing are not charged to it,
+and neither is warm-up: the first step of each process (the first ``COMPILE_WARMUP_STEPS``
+with ``train.compile``, which trace and compile) is timed apart as ``warmup_seconds``, its
+tokens trained but left out of tokens/s and MFU.
 """
 
 from __future__ import annotations
@@ -20,11 +23,12 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from seedbed.config import RunConfig
+from seedbed.config import RunConfig, check_resume_config
 from seedbed.data import load_dataset
 from seedbed.errors import UserError
 from seedbed.eval import evaluate_bpb
 from seedbed.fileio import atomic_write_bytes, atomic_write_text
+from seedbed.hardware import fast_bf16
 from seedbed.model import LM, count_parameters
 from seedbed.model.moe import auxiliary_loss, routing_metrics
 from seedbed.perf import matmul_peak, training_flops_per_token
@@ -33,6 +37,9 @@ from seedbed.train.checkpoint import (CHECKPOINT_NAME, load_checkpoint, optimize
                                       save_checkpoint)
 from seedbed.train.optim import build_optimizers, lr_multiplier
 from seedbed.train.seed_search import SeedSearch
+
+
+COMPILE_WARMUP_STEPS = 2  # the first compiles the training graph; the second catches a recompile
 
 
 class TrainingDiverged(UserError):
@@ -63,6 +70,7 @@ class TrainResult:
     steps: int
     tokens: int
     train_seconds: float
+    warmup_seconds: float
     val_bpb: float
     tokens_per_second: float
     mfu: float | None
@@ -78,22 +86,12 @@ def pick_device(name: str, dist_info: Distributed) -> torch.device:
 
 
 def pick_autocast(name: str, device: torch.device) -> torch.dtype | None:
-    """bf16 autocast where it pays: measured faster on CPUs with bf16 matmul units and on GPUs."""
+    """bf16 autocast where the hardware runs it natively (``dtype=auto``), or as asked."""
     if name == "fp32":
         return None
     if name == "bf16":
         return torch.bfloat16
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
-    return torch.bfloat16 if cpu_has_fast_bf16() else None
-
-
-def cpu_has_fast_bf16() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return any(flag in flags for flag in (" avx512_bf16", " amx_bf16"))
+    return torch.bfloat16 if fast_bf16(device) else None
 
 
 class Trainer:
@@ -109,6 +107,11 @@ class Trainer:
             raise UserError(f"cannot resume: {self.run_dir} has no {CHECKPOINT_NAME}")
         # Load the checkpoint before anything is set up, so a bad file fails fast.
         self.checkpoint = load_checkpoint(checkpoint_path) if resume else None
+        if self.checkpoint is not None and self.checkpoint[1]["world"] != self.dist.world:
+            raise UserError(f"cannot resume with {self.dist.world} processes: the checkpoint was trained with "
+                            f"{self.checkpoint[1]['world']} (the data order depends on the world size)")
+        if self.checkpoint is not None:  # before the data is loaded; the vocabulary comes from it
+            check_resume_config(self.checkpoint[1]["config"], cfg, skip=frozenset({"model.vocab_size"}))
 
         self.device = pick_device(tcfg.device, self.dist)
         threads = tcfg.threads or max(1, (os.cpu_count() or 1) // self.dist.local_world)
@@ -126,6 +129,8 @@ class Trainer:
         if self.dist.main and self.dist.world > 1:
             dist.barrier()
         cfg.model.vocab_size = self.data.tokenizer.vocab_size
+        if self.checkpoint is not None:
+            check_resume_config(self.checkpoint[1]["config"], cfg)
         context = cfg.model.max_seq_len
         if len(self.data.train.tokens) < context + 2:
             raise UserError(f"the training split has {len(self.data.train.tokens)} tokens, fewer than one "
@@ -143,6 +148,7 @@ class Trainer:
             raise UserError("train.seed_search_every is set but the model has no seeded modules "
                             "(use model.linear.kind=seeded or a seeded feed-forward)")
         self.step, self.tokens_seen, self.train_seconds = 0, 0, 0.0
+        self.timed_tokens, self.warmup_seconds = 0, 0.0  # tokens trained in timed steps; warm-up time
         self.last_val_bpb = float("nan")
         if self.checkpoint is not None:
             self.restore(*self.checkpoint)
@@ -188,6 +194,7 @@ class Trainer:
         tensors["rng.data"] = self.data_rng.get_state()
         tensors.update(self.seed_search.state())
         meta = {"step": self.step, "tokens_seen": self.tokens_seen, "train_seconds": self.train_seconds,
+                "timed_tokens": self.timed_tokens, "warmup_seconds": self.warmup_seconds,
                 "last_val_bpb": self.last_val_bpb, "world": self.dist.world, "optimizer_groups": groups,
                 "config": self.cfg.to_dict()}
         save_checkpoint(self.run_dir / CHECKPOINT_NAME, tensors, meta)
@@ -204,6 +211,7 @@ class Trainer:
         self.seed_search.restore(tensors)
         self.step, self.tokens_seen = meta["step"], meta["tokens_seen"]
         self.train_seconds, self.last_val_bpb = meta["train_seconds"], meta["last_val_bpb"]
+        self.timed_tokens, self.warmup_seconds = meta["timed_tokens"], meta["warmup_seconds"]
 
     # -- the loop ---------------------------------------------------------------------
     def batch(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -302,6 +310,7 @@ class Trainer:
         bytes_per_token = self.data.train.n_bytes / max(1, len(self.data.train.tokens))
         last_eval = last_save = time.perf_counter()
         window_tokens, window_seconds = 0, 0.0
+        warmup_left = COMPILE_WARMUP_STEPS if tcfg.compile else 1
         while not self.done():
             t0 = time.perf_counter()
             tokens_before = self.tokens_seen
@@ -309,17 +318,24 @@ class Trainer:
             if self.device.type == "cuda":
                 torch.cuda.synchronize()
             elapsed = time.perf_counter() - t0
-            self.train_seconds += elapsed
+            if warmup_left:
+                warmup_left -= 1
+                self.warmup_seconds += elapsed
+                elapsed = 0.0
+            else:
+                self.train_seconds += elapsed
+                self.timed_tokens += self.tokens_seen - tokens_before
+                window_tokens += self.tokens_seen - tokens_before
+                window_seconds += elapsed
             self.sync_clock()
-            window_tokens += self.tokens_seen - tokens_before
-            window_seconds += elapsed
             bar.update(1 if tcfg.steps else min(elapsed, max(0.0, total - bar.n)))
-            if self.step % tcfg.log_every == 0 or self.done():
+            if (self.step % tcfg.log_every == 0 or self.done()) and window_seconds > 0:
                 tok_s = window_tokens / window_seconds
                 record = {"step": self.step, "train_loss": loss,
                           "train_bpb": loss / math.log(2) / bytes_per_token,
                           "lr_mult": lr_multiplier(self.progress_fraction(), self.step, tcfg),
                           "tokens": self.tokens_seen, "train_seconds": round(self.train_seconds, 3),
+                          "warmup_seconds": round(self.warmup_seconds, 3),
                           "tokens_per_second": tok_s, "mfu": self.mfu(tok_s), **routing_metrics(self.model)}
                 self.log(record)
                 val = "-" if math.isnan(self.last_val_bpb) else f"{self.last_val_bpb:.3f}"
@@ -366,15 +382,16 @@ class Trainer:
         if self.dist.main:
             result = self.evaluate()
             val_bpb = self.last_val_bpb = result.bpb
-            tok_s = self.tokens_seen / max(self.train_seconds, 1e-9)
+            tok_s = self.timed_tokens / max(self.train_seconds, 1e-9)
             self.log({"step": self.step, "val_bpb": val_bpb, "val_tokens": result.tokens, "val_bytes": result.n_bytes,
                       "tokens_per_second_mean": tok_s, "mfu_mean": self.mfu(tok_s), "ranks_in_sync": in_sync,
+                      "train_seconds": self.train_seconds, "warmup_seconds": self.warmup_seconds,
                       "world": self.dist.world, "params": count_parameters(self.model)})
             self.save()
             plot_curves(self.run_dir / "metrics.jsonl", self.run_dir / "curve.png")
         if self.dist.world > 1:
             dist.barrier()
             dist.destroy_process_group()
-        tok_s = self.tokens_seen / max(self.train_seconds, 1e-9)
-        return TrainResult(self.run_dir, self.step, self.tokens_seen, self.train_seconds, val_bpb, tok_s,
-                           self.mfu(tok_s), count_parameters(self.model))
+        tok_s = self.timed_tokens / max(self.train_seconds, 1e-9)
+        return TrainResult(self.run_dir, self.step, self.tokens_seen, self.train_seconds, self.warmup_seconds,
+                           val_bpb, tok_s, self.mfu(tok_s), count_parameters(self.model))
