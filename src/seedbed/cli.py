@@ -111,6 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--minutes", type=positive_float, default=10.0,
                        help="train: budget for the bpb row; seeds, mixkabrn: training budget of every model")
     bench.add_argument("--artifact", help="codec: the packed model to compress with")
+    bench.add_argument("--variant", action="append", metavar="'NAME: key=value ...'",
+                       help="train: a variant of the default preset to time and train beside the others (repeat)")
     bench.add_argument("--output", default="BENCHMARKS.md")
     return parser
 
@@ -287,7 +289,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
     from seedbed.bench.train import bench_codec, bench_train
 
     if args.suite == "train":
-        bench_train(args.minutes, Path(args.output))
+        bench_train(args.minutes, Path(args.output), variants=args.variant)
     elif args.suite == "seeds":
         bench_seeds(args.minutes, Path(args.output))
     elif args.suite == "mixkabrn":

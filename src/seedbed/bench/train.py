@@ -1,16 +1,16 @@
 """``seedbed bench``: measurements run side by side in one process, written as a table.
 
-``bench train`` measures, on this machine and in one run: the matmul peak in fp32 and
-bf16, the default preset's training throughput and model-FLOPs utilisation in each
-dtype, the val bpb after a fixed wall-clock budget, and classic compressors on the
-same val text.
+``bench train`` measures, on this machine and in one run: the matmul peak of each dtype
+the CPU runs fast (fp32, and bf16 only with bf16 units), then for each variant of the
+default preset its training throughput and model-FLOPs utilisation, its val bpb after a
+fixed wall-clock budget, and classic compressors on the same val text. Variants are how
+the default preset is tuned: ``--variant 'name: key=value ...'``, repeated.
 """
 
 from __future__ import annotations
 
 import bz2
 import lzma
-import platform
 import shutil
 import statistics
 import subprocess
@@ -21,11 +21,12 @@ from pathlib import Path
 
 import torch
 
-from seedbed.config import resolve_config
+from seedbed.config import RunConfig, resolve_config
 from seedbed.data import load_dataset
 from seedbed.fileio import atomic_write_text
 from seedbed.model import LM
-from seedbed.perf import measure_matmul_peak, training_flops_per_token
+from seedbed.hardware import describe_machine, fast_bf16
+from seedbed.perf import peak, training_flops_per_token
 from seedbed.train.optim import build_optimizers
 
 
@@ -42,9 +43,9 @@ def compressed_bits(name: str, data: bytes) -> int | None:
     return None
 
 
-def step_throughput(preset: str, dtype: torch.dtype | None, steps: int = 20, repeats: int = 3) -> tuple[float, float]:
-    """Median tokens/s of training steps on random tokens, and the model FLOPs per token."""
-    cfg = resolve_config(preset)
+def step_throughput(cfg: RunConfig, dtype: torch.dtype | None, steps: int = 10, repeats: int = 3) -> tuple[float, float]:
+    """Median tokens/s of whole training steps (forward, backward, optimisers) on random tokens,
+    and the model's counted FLOPs per token."""
     torch.manual_seed(0)
     model = LM(cfg.model)
     optimizers = build_optimizers(model, cfg.train)
@@ -59,7 +60,7 @@ def step_throughput(preset: str, dtype: torch.dtype | None, steps: int = 20, rep
             opt.step()
             opt.zero_grad(set_to_none=True)
 
-    for _ in range(3):
+    for _ in range(2):
         step()
     rates = []
     for _ in range(repeats):
@@ -67,27 +68,45 @@ def step_throughput(preset: str, dtype: torch.dtype | None, steps: int = 20, rep
         for _ in range(steps):
             step()
         rates.append(steps * batch * context / (time.perf_counter() - start))
-    return statistics.median(rates), training_flops_per_token(model, context)
+    return statistics.median(rates), training_flops_per_token(model, context, batch)
 
 
-def bench_train(minutes: float, output: Path, preset: str = "gpt") -> None:
-    from seedbed.train.trainer import Trainer, pick_autocast
+def parse_variant(text: str) -> tuple[str, list[str]]:
+    """``"name: key=value key=value"`` -> (name, overrides); a bare name is the preset unchanged."""
+    name, _, overrides = text.partition(":")
+    return name.strip(), overrides.split()
+
+
+def shape(cfg: RunConfig) -> str:
+    m, t = cfg.model, cfg.train
+    return (f"{m.n_layers}x{m.d_model}, ctx {m.max_seq_len}, batch {t.batch_size}, {t.optimizer} "
+            f"lr {t.lr:g}/{t.matrix_lr:g}, {t.schedule}")
+
+
+def bench_train(minutes: float, output: Path, preset: str = "gpt", variants: list[str] | None = None) -> None:
+    """Side by side in one process: the matmul peak of each fast dtype, then every variant of
+    ``preset`` (overrides on top of it) timed on random tokens and trained for ``minutes``."""
+    from seedbed.train.trainer import Trainer
 
     device = torch.device("cpu")
-    print(f"measuring matmul peaks and {preset} training throughput ...", file=sys.stderr)
+    command = f"seedbed bench train --minutes {minutes:g}" + "".join(f" --variant '{v}'" for v in variants or [])
+    variants = [parse_variant(v) for v in (variants or [preset])]
+    dtypes = [("fp32", torch.float32)] + ([("bf16", torch.bfloat16)] if fast_bf16(device) else [])
+    print(f"measuring matmul peaks and the throughput of {len(variants)} variant(s) ...", file=sys.stderr)
+    peaks = {label: peak(device, dtype) for label, dtype in dtypes}
+    trained_label = dtypes[-1][0]  # what dtype=auto trains in here
     rows = []
-    for label, dtype in (("fp32", None), ("bf16", torch.bfloat16)):
-        peak = measure_matmul_peak(device, dtype or torch.float32, n=1024, seconds=2.0)
-        tok_s, flops = step_throughput(preset, dtype)
-        rows.append((label, peak, tok_s, tok_s * flops / peak))
+    for name, overrides in variants:
+        cfg = resolve_config(preset, overrides=overrides + [f"train.minutes={minutes}", "train.steps=0"])
+        tok_s, flops = step_throughput(cfg, dict(dtypes)[trained_label] if trained_label == "bf16" else None)
+        rows.append({"name": name, "cfg": cfg, "tok_s": tok_s, "mfu": tok_s * flops / peaks[trained_label].flops,
+                     "params": sum(p.numel() for p in LM(cfg.model).parameters())})
+    for row in rows:
+        print(f"training {row['name']} for {minutes:g} minutes ...", file=sys.stderr)
+        with tempfile.TemporaryDirectory() as tmp:
+            row["result"] = Trainer(row["cfg"], Path(tmp) / "run", progress=True).run()
 
-    print(f"training {preset} for {minutes} minutes ...", file=sys.stderr)
-    cfg = resolve_config(preset, overrides=[f"train.minutes={minutes}", "train.steps=0"])
-    with tempfile.TemporaryDirectory() as tmp:
-        trainer = Trainer(cfg, Path(tmp) / "run", progress=True)
-        result = trainer.run()
-    trained_dtype = "bf16" if pick_autocast(cfg.train.dtype, device) else "fp32"
-
+    cfg = rows[0]["cfg"]
     data = load_dataset(cfg.data.spec, cfg.data.tokenizer, cfg.data.vocab_size)
     val_text = data.tokenizer.decode(data.val.tokens)
     compressors = {name: compressed_bits(name, val_text) for name in ("xz -9e", "bzip2 -9", "zstd -19")}
@@ -95,20 +114,30 @@ def bench_train(minutes: float, output: Path, preset: str = "gpt") -> None:
     lines = [
         "## seedbed bench train",
         "",
-        f"`seedbed bench train --minutes {minutes:g}` on {platform.processor() or platform.machine()}, "
-        f"{torch.get_num_threads()} threads, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}.",
+        f"`{command}` on {describe_machine()}, {time.strftime('%Y-%m-%d')}.",
         "",
-        "| dtype | measured matmul peak | {p} train tokens/s (median of 3) | model FLOPs utilisation |".format(p=preset),
-        "| --- | ---: | ---: | ---: |",
+        "| dtype | matmul peak | source |",
+        "| --- | ---: | --- |",
     ]
-    lines += [f"| {label} | {peak / 1e9:,.0f} GFLOP/s | {tok_s:,.0f} | {mfu:.1%} |" for label, peak, tok_s, mfu in rows]
+    lines += [f"| {label} | {p.flops / 1e9:,.0f} GFLOP/s | {p.source} |" for label, p in peaks.items()]
+    if not fast_bf16(device):
+        lines.append("| bf16 | not run | no avx512_bf16 / amx_bf16: emulated, about 10x slower than fp32 |")
     lines += [
         "",
-        f"| model or compressor | val bpb ({data.description.split(':')[0]} corpus, val split, {data.val.n_bytes:,} bytes) |",
-        "| --- | ---: |",
-        f"| seedbed {preset}, {minutes:g} min ({result.steps} steps, {result.tokens:,} tokens, {trained_dtype}) "
-        f"| **{result.val_bpb:.4f}** |",
+        f"Every variant trains {preset} in {trained_label} for {minutes:g} minutes of timed steps (warm-up excluded) "
+        f"and is scored on the whole val split ({data.val.n_bytes:,} bytes of the {data.description.split(':')[0]} "
+        f"corpus). Step tokens/s: median of 3 x 10 whole training steps on random tokens; MFU over the {trained_label} peak.",
+        "",
+        "| variant | shape | params | step tokens/s | step MFU | steps | tokens | train tokens/s | val bpb |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
+    best = min(row["result"].val_bpb for row in rows)
+    for row in rows:
+        result = row["result"]
+        bpb = f"**{result.val_bpb:.4f}**" if result.val_bpb == best else f"{result.val_bpb:.4f}"
+        lines.append(f"| {row['name']} | {shape(row['cfg'])} | {row['params']:,} | {row['tok_s']:,.0f} | {row['mfu']:.1%} "
+                     f"| {result.steps} | {result.tokens:,} | {result.tokens_per_second:,.0f} | {bpb} |")
+    lines += ["", "| classic compressor | val bpb |", "| --- | ---: |"]
     for name, bits in compressors.items():
         lines.append(f"| {name} | {bits / data.val.n_bytes:.4f} |" if bits else f"| {name} | not installed |")
     write_section(output, "## seedbed bench train", "\n".join(lines) + "\n")
