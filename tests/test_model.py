@@ -83,6 +83,80 @@ def test_step_by_step_equals_parallel(spec):
         torch.testing.assert_close(torch.cat([head] + tail, 1), full, rtol=1e-4, atol=1e-4)
 
 
+
+# Training mode: every case above, plus training-only behaviour worth its own case.
+CAPACITY_LEAK = pytest.mark.xfail(strict=True, reason=(
+    "causality leak, MoE capacity_factor > 0 (training only): each expert keeps the first "
+    "ceil(c * B * T * top_k / n_routed) assignments ranked by (choice j, flattened index b * T + t), so "
+    "every token's first choice outranks every earlier token's second choice (later tokens of the same "
+    "sequence evict earlier ones: logits before t move by ~0.06-0.7 here), and row b ranks after all of "
+    "row b - 1; documented in moe.py, off by default and in eval"))
+TRAIN_CASES = [(name, spec, ()) for name, spec in CASES] + [
+    ("ffn-moe-capacity", {"ffn": {"kind": "moe", "capacity_factor": 1.0}}, (CAPACITY_LEAK,)),
+    ("ffn-moe-reference", {"ffn": {"kind": "moe", "reference": True}}, ()),
+    ("ffn-moe-top1-kan-experts", {"ffn": {"kind": "moe", "top_k": 1, "n_routed": 4, "expert": "kan"}}, ()),
+    ("mixer-retention-chunk5", {"mixer": {"kind": "retention", "chunk_size": 5}}, ()),
+    ("linear-bitlinear-float-activations", {"linear": {"kind": "bitlinear", "activation_bits": 0}}, ()),
+    ("linear-seeded-factored", {"linear": {"kind": "seeded", "fine_scale": 0.0, "fine_shift": 0.0,
+                                           "sign_mask": False}}, ()),
+    ("linear-seeded-streamed", {"linear": {"kind": "seeded"}, "stream_layers": True}, ()),
+]
+TRAIN_PARAMS = [pytest.param(spec, id=name, marks=marks) for name, spec, marks in TRAIN_CASES]
+
+
+def training_forward(model, tokens, t, weights):
+    """Training-mode logits and the parameter gradients of a loss that reads only positions < t."""
+    model.zero_grad(set_to_none=True)
+    logits = model(tokens)
+    (logits[:, :t] * weights[:, :t]).sum().backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    return logits.detach(), grads
+
+
+@pytest.mark.parametrize("spec", TRAIN_PARAMS)
+def test_causal_in_training_mode(spec):
+    """model.train(), gradients on: changing every token from t on changes neither the logits
+    before t nor the gradient of a loss on them (straight-through estimators, routing, custom
+    backward passes and checkpointing included), and does change the logits at t."""
+    model = small_model(**spec).train()
+    g = torch.Generator().manual_seed(4)
+    tokens = torch.randint(0, 61, (2, 24), generator=g)
+    weights = torch.randn(2, 24, 61, generator=g)
+    for t in (7, 18):
+        base, base_grads = training_forward(model, tokens, t, weights)
+        changed = tokens.clone()
+        changed[:, t:] = (changed[:, t:] + torch.randint(1, 61, changed[:, t:].shape, generator=g)) % 61
+        out, grads = training_forward(model, changed, t, weights)
+        # Not bit-exact: the batched MoE dispatch regroups tokens by expert, so matmul rounding
+        # moves by an ulp (~2e-7) when later tokens route elsewhere; a leak moves logits by far more.
+        torch.testing.assert_close(out[:, :t], base[:, :t], rtol=1e-6, atol=1e-6,
+                                   msg=lambda m: f"positions >= {t} leaked into the past in training mode\n{m}")
+        assert not torch.allclose(out[:, t], base[:, t]), "the changed token had no effect"
+        assert grads.keys() == base_grads.keys() and len(grads) == len(list(model.parameters()))
+        for name, grad in grads.items():
+            # Relative to the tensor's largest gradient: the batched MoE dispatch's regrouping moves
+            # sums by up to ~2e-6 of that (KAN experts), while its per-token reference is bit-exact.
+            scale = base_grads[name].abs().max().item()
+            leaked = f"{name}: gradient of a loss before {t} depends on later tokens"
+            torch.testing.assert_close(grad, base_grads[name], rtol=0, atol=1e-5 * scale + 1e-12,
+                                       msg=lambda m: f"{leaked}\n{m}")
+
+
+@pytest.mark.parametrize("spec", TRAIN_PARAMS)
+def test_step_by_step_equals_parallel_in_training_mode(spec):
+    """Incremental decoding in training mode (straight-through BitLinear, MoE with its training
+    routing) gives the parallel training-mode logits."""
+    model = small_model(**spec).train()
+    tokens = torch.randint(0, 61, (3, 20), generator=torch.Generator().manual_seed(5))
+    full = model(tokens)
+    state = model.init_state(3, 20)
+    head, state = model.step(tokens[:, :11], state)
+    tail = [model.step(tokens[:, t:t + 1], state)[0] for t in range(11, 20)]
+    stepped = torch.cat([head] + tail, 1)
+    assert stepped.requires_grad
+    torch.testing.assert_close(stepped, full, rtol=1e-4, atol=1e-4)
+
+
 def test_fast_attention_matches_reference():
     g = torch.Generator().manual_seed(3)
     q, k, v = (torch.randn(2, 4, 20, 8, generator=g) for _ in range(3))
