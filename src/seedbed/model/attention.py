@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from seedbed.model.layers import BuildContext
+from seedbed.perf import Flops, matmul_flops
 from seedbed.registry import MIXERS, require
 
 
@@ -105,6 +106,21 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q, k, v = self.project(x, 0)
         return self.merge(self.attend(q, self.expand_kv(k), self.expand_kv(v), 0))
+
+    def flops(self, batch: int, context: int) -> Flops:
+        """The four projections, plus Q K^T and P V over the full T x T scores of every head::
+
+            forward  = 2 * 2 * n_heads * head_dim * T  per token  (PaLM: 4 * d * T at n_heads * head_dim = d)
+            backward = 2x that, 2.5x through SDPA, whose fused backward recomputes Q K^T.
+
+        Causal masking is not discounted, as in PaLM's 12 * layers * d * T.
+        """
+        tokens = batch * context
+        projections = self.q.flops(tokens) + self.k.flops(tokens) + self.v.flops(tokens) + self.out.flops(tokens)
+        per_head = matmul_flops(context, self.head_dim, context) + matmul_flops(context, context, self.head_dim)
+        if self.attend is fast_attention:
+            per_head += Flops(backward=2 * context * self.head_dim * context)
+        return projections + batch * self.n_heads * per_head
 
     def init_state(self, batch: int, max_len: int, device: torch.device, dtype: torch.dtype) -> dict:
         shape = (batch, self.n_kv_heads, max_len, self.head_dim)

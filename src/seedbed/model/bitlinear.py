@@ -71,6 +71,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from seedbed.model.layers import initial_weight
+from seedbed.perf import Flops, matmul_flops
 from seedbed.registry import LINEARS, require
 
 SCALE_FLOOR = 1e-12  # floor of the weight scale γ and of a token's absmax a; matches the ternary storage kind
@@ -178,6 +179,11 @@ class BitLinear(nn.Module):
             through = normed.float()
             normed = (levels * step + (through - through.detach())).to(x.dtype)
         return F.linear(normed, weight.to(normed.dtype))
+
+    def flops(self, tokens: int) -> Flops:
+        """x_q W_q^T: 2 * tokens * in * out forward, both gradients in backward (the STE passes them to
+        x and W); the norm and both quantisers are elementwise and not counted."""
+        return matmul_flops(tokens, self.in_features, self.out_features)
 
     def packed(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Cached (trits, γ): int8 trits for the integer kernel, else float; rebuilt when the weight changes."""

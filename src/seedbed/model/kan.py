@@ -69,6 +69,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from seedbed.model.layers import BuildContext
+from seedbed.perf import Flops
 from seedbed.registry import FFNS, require
 
 BASES = ("bspline", "rbf")
@@ -165,6 +166,11 @@ class KANLayer(nn.Module):
         x = F.rms_norm(x, (x.shape[-1],), eps=NORM_EPS)
         return self.base(F.silu(x)) + self.spline(self.bases(x).to(x.dtype).flatten(-2))
 
+    def flops(self, tokens: int) -> Flops:
+        """Its two matmuls, d_in -> d_out and d_in n -> d_out: 2 * d_in * d_out * (1 + n) per token at dense
+        linears; the norm, SiLU and bases are elementwise and not counted."""
+        return self.base.flops(tokens) + self.spline.flops(tokens)
+
 
 @FFNS.register("kan")
 class KAN(nn.Module):
@@ -197,6 +203,11 @@ class KAN(nn.Module):
 
     def forward(self, x: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         return self.down(self.up(x))
+
+    def flops(self, batch: int, context: int) -> Flops:
+        """Matmul work of both layers (the module-level ``flops_per_token`` adds the elementwise estimate)."""
+        tokens = batch * context
+        return self.up.flops(tokens) + self.down.flops(tokens)
 
 
 def mlp_matched_mult(options: KAN.Options, mlp_mult: float = MLP_MULT_MATCHED_BY_DEFAULT) -> float:

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from seedbed.perf import Flops, matmul_flops
 from seedbed.registry import LINEARS, NORMS
 
 
@@ -45,6 +46,10 @@ class DenseLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight.to(x.dtype))
+
+    def flops(self, tokens: int) -> Flops:
+        """x W^T: 2 * tokens * in * out forward; backward the input's and the weight's gradients."""
+        return matmul_flops(tokens, self.in_features, self.out_features)
 
 
 @NORMS.register("rmsnorm")

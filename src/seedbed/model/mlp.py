@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from seedbed.model.layers import BuildContext
+from seedbed.perf import Flops
 from seedbed.registry import FFNS, require
 
 ACTIVATIONS = {
@@ -40,3 +41,8 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         return self.down(self.activation(self.up(x)))
+
+    def flops(self, batch: int, context: int) -> Flops:
+        """up + down on every token: 2 * 2 * d * hidden per token for dense linears."""
+        tokens = batch * context
+        return self.up.flops(tokens) + self.down.flops(tokens)

@@ -29,6 +29,7 @@ from torch import nn
 from seedbed.model.layers import BuildContext
 from seedbed.model.mlp import MLP
 from seedbed.model.seeded import SeedCache
+from seedbed.perf import Flops, matmul_flops
 from seedbed.registry import FFNS, require
 from seedbed.seeds import random_int8
 
@@ -105,3 +106,18 @@ class ModuloExperts(nn.Module):
                   zip(self.experts, choices, z.split([ex.rank for ex in self.experts], dim=-1)))
         out = out.view(shape)
         return out + self.generalist(x, tokens) if self.generalist is not None else out
+
+    def flops(self, batch: int, context: int) -> Flops:
+        """Every split projects each token through all its n experts, down and up, against frozen
+        generated maps (backward: the input's gradient only); then the rank mixer's two R x R matmuls
+        and the generalist MLP::
+
+            forward = 2 * 2 * d * sum_n(n r_n) + 2 * 2 * R^2 per token, + generalist
+        """
+        tokens, d = batch * context, self.experts[0].d_model
+        total_rank = sum(experts.rank for experts in self.experts)
+        flops = sum((matmul_flops(tokens, d, ex.n_experts * ex.rank, grads=1)
+                     + matmul_flops(tokens, ex.n_experts * ex.rank, d, grads=1) for ex in self.experts), Flops())
+        if self.mix_p is not None:
+            flops += 2 * matmul_flops(tokens, total_rank, total_rank)
+        return flops + self.generalist.flops(batch, context) if self.generalist is not None else flops

@@ -57,6 +57,7 @@ from torch import nn
 
 from seedbed.model.layers import BuildContext
 from seedbed.model.mlp import ACTIVATIONS
+from seedbed.perf import Flops
 from seedbed.registry import FFNS, require
 
 
@@ -119,6 +120,20 @@ class MoE(nn.Module):
         self.record_routing(probs, choices, kept)
         shared = sum(expert(x, tokens) for expert in self.shared)
         return routed.view(x.shape) + shared
+
+    def flops(self, batch: int, context: int) -> Flops:
+        """Router, shared experts, and the top_k routed experts each token is sent to::
+
+            router + n_shared * expert(N tokens) + expert(top_k N tokens) + (n_routed - 1) * expert(0 tokens)
+
+        Every routed expert runs once per call on its slice; a feed-forward's cost is affine in its
+        tokens, so the slices together cost one expert on all top_k N assignments plus the other experts'
+        per-call work (zero for dense weights). Assignments dropped by capacity are counted too.
+        """
+        tokens = batch * context
+        expert = self.routed[0]
+        routed = expert.flops(1, self.top_k * tokens) + (self.n_routed - 1) * expert.flops(1, 0)
+        return sum((e.flops(batch, context) for e in self.shared), self.router.flops(tokens)) + routed
 
     def capacity(self, n_tokens: int) -> int:
         """Assignments each expert may take; 0 means unlimited (always so in eval mode)."""

@@ -62,6 +62,7 @@ from torch import nn
 
 from seedbed.model.attention import apply_rotary, rotary_tables
 from seedbed.model.layers import BuildContext
+from seedbed.perf import Flops, matmul_flops
 from seedbed.registry import MIXERS, require
 
 FORMS = ("chunkwise", "parallel", "recurrent")
@@ -212,6 +213,31 @@ class Retention(nn.Module):
         q, k, v = self.project(x, 0)
         normed, _ = self.retain(self.form, q, k, v, self.zero_state(x.shape[0], x.device))
         return self.finish(x, normed)
+
+    def flops(self, batch: int, context: int) -> Flops:
+        """q, k, v, gate and out projections, plus per head the products of ``forward``'s form (no softmax,
+        no score term of attention's; state zero and the final state unused, so its products get fewer
+        gradients). With T positions, chunks of C = min(chunk_size, T), N = ceil(T / C)::
+
+            parallel:   Q K^T (T, d_k, T), (.) V (T, T, d_v); q S (T, d_k, d_v; S constant), K^T V (unused)
+            recurrent:  q_n S_n for every n (T, d_k, d_v); the state update is elementwise
+            chunkwise:  per chunk Q K^T (C, d_k, C), (.) V (C, C, d_v), K^T V (d_k, C, d_v), q S (C, d_k, d_v);
+                        the states across chunks (N + 1, N, d_k d_v), the decay matrix constant
+        """
+        tokens, t, dk, dv = batch * context, context, self.key_dim, self.value_dim
+        projections = sum((linear.flops(tokens) for linear in (self.q, self.k, self.v, self.gate, self.out)), Flops())
+        if self.form == "parallel":
+            core = (matmul_flops(t, dk, t) + matmul_flops(t, t, dv) + matmul_flops(t, dk, dv, grads=1)
+                    + matmul_flops(dk, t, dv, grads=0))
+        elif self.form == "recurrent":
+            core = matmul_flops(t, dk, dv)
+        else:
+            size = min(self.chunk_size, t)
+            n_chunks = math.ceil(t / size)
+            per_chunk = (matmul_flops(size, dk, size) + matmul_flops(size, size, dv) + matmul_flops(dk, size, dv)
+                         + matmul_flops(size, dk, dv))
+            core = n_chunks * per_chunk + matmul_flops(n_chunks + 1, n_chunks, dk * dv, grads=1)
+        return projections + batch * self.n_heads * core
 
     def zero_state(self, batch: int, device: torch.device) -> torch.Tensor:
         return torch.zeros(batch, self.n_heads, self.key_dim, self.value_dim, device=device)

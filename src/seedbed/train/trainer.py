@@ -137,7 +137,9 @@ class Trainer:
                             f"context of {context} + 1; use a bigger corpus or a smaller model.max_seq_len")
         if len(self.data.val.tokens) < 2:
             raise UserError("the validation split is empty; use a bigger corpus")
-        self.train_tokens = torch.from_numpy(np.asarray(self.data.train.tokens, dtype=np.int32))
+        # The whole training split lives on the device, so a batch is one gather there.
+        self.train_tokens = torch.from_numpy(np.asarray(self.data.train.tokens, dtype=np.int32)).to(self.device)
+        self.window = torch.arange(context + 1, device=self.device)
 
         torch.manual_seed(tcfg.seed)
         self.model = LM(cfg.model).to(self.device)
@@ -157,7 +159,7 @@ class Trainer:
         if self.dist.world > 1:
             from torch.nn.parallel import DistributedDataParallel
             self.forward_model = DistributedDataParallel(self.forward_model)
-        self.flops_per_token = training_flops_per_token(self.model, context)
+        self.flops_per_token = training_flops_per_token(self.model, context, tcfg.batch_size)
         self.peak = matmul_peak(self.device, self.autocast_dtype or torch.float32)
         if self.dist.main:
             self.write_run_files(resume)
@@ -220,7 +222,7 @@ class Trainer:
         offsets = torch.randint(0, len(self.train_tokens) - context - 1,
                                 (tcfg.batch_size * self.dist.world,), generator=self.data_rng)
         offsets = offsets[self.dist.rank * tcfg.batch_size:(self.dist.rank + 1) * tcfg.batch_size]
-        windows = self.train_tokens[offsets[:, None] + torch.arange(context + 1)].long().to(self.device)
+        windows = self.train_tokens[offsets.to(self.device)[:, None] + self.window].long()
         return windows[:, :-1], windows[:, 1:]
 
     def progress_fraction(self) -> float:
@@ -273,16 +275,22 @@ class Trainer:
         return loss_value
 
     def search_seeds(self) -> None:
-        """One round of gradient-free seed search on a fresh held batch (see train/seed_search.py)."""
-        inputs, targets = self.batch()
+        """One round of gradient-free seed search (see train/seed_search.py): proposals are ranked
+        on one fresh batch, and the best is kept only if it also wins on a second, independent one."""
 
-        def score() -> torch.Tensor:
-            with self.autocast():
-                return self.model.loss(inputs, targets)
+        def scorer(inputs: torch.Tensor, targets: torch.Tensor):
+            def score() -> torch.Tensor:
+                with self.autocast():
+                    logits = self.model(inputs)
+                # One loss per sequence: the acceptance test weighs the gain against their spread.
+                return torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none").mean(1)
+            return score
 
-        outcome = self.seed_search.step(score)
-        self.log({"step": self.step, "seed_search": outcome.module, "loss_before": outcome.baseline,
-                  "loss_best": outcome.best, "accepted": outcome.accepted})
+        outcome = self.seed_search.step(scorer(*self.batch()), scorer(*self.batch()))
+        self.log({"step": self.step, "seed_search": outcome.module, "select_before": outcome.select_before,
+                  "select_best": outcome.select_best, "accept_before": outcome.accept_before,
+                  "accept_best": outcome.accept_best, "accept_stderr": outcome.accept_stderr,
+                  "accepted": outcome.accepted})
 
     def evaluate(self, max_tokens: int = 0):
         """val bpb; a partial eval (``max_tokens``) runs in the training dtype, the full one in fp32,
