@@ -166,6 +166,18 @@ def test_fast_attention_matches_reference():
                                rtol=1e-5, atol=1e-5)
 
 
+def test_grouped_query_attention_shares_each_kv_head_across_its_group():
+    g = torch.Generator().manual_seed(4)
+    q = torch.randn(2, 6, 20, 8, generator=g)
+    k, v = (torch.randn(2, 2, 20, 8, generator=g) for _ in range(2))
+    # Query heads 0-2 read key/value head 0, heads 3-5 head 1: the same as explicit copies.
+    copied = [x.repeat_interleave(3, dim=1) for x in (k, v)]
+    expected = reference_attention(q, *copied, 0)
+    torch.testing.assert_close(reference_attention(q, k, v, 0), expected)
+    torch.testing.assert_close(fast_attention(q, k, v, 0), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fast_attention(q[:, :, 15:], k, v, 15), expected[:, :, 15:], rtol=1e-5, atol=1e-5)
+
+
 def test_reference_attention_model_matches_fast_model():
     fast = small_model(mixer={"kind": "attention", "n_heads": 4, "n_kv_heads": 2})
     ref = small_model(mixer={"kind": "attention", "n_heads": 4, "n_kv_heads": 2, "reference": True})

@@ -2,8 +2,10 @@
 
 The fast path is PyTorch's ``scaled_dot_product_attention``; ``reference_attention``
 beside it is the plain softmax(QK^T / sqrt(d)) V with an explicit mask, and a test
-checks the two agree. Incremental decoding keeps a key/value cache preallocated
-to ``max_len`` positions.
+checks the two agree. With grouped-query attention (fewer key/value heads than query
+heads) SDPA shares each key/value head across its group natively (``enable_gqa``, torch
+>= 2.5) instead of copying it per query head. Incremental decoding keeps a key/value cache
+preallocated to ``max_len`` positions.
 """
 
 from __future__ import annotations
@@ -34,11 +36,22 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return out.to(x.dtype)
 
 
+SDPA_GQA = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)
+
+
+def expand_heads(kv: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """(B, Hkv, T, d) -> (B, n_heads, T, d): each key/value head serves n_heads / Hkv query heads."""
+    groups = n_heads // kv.shape[1]
+    return kv if groups == 1 else kv.repeat_interleave(groups, dim=1)
+
+
 def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offset: int) -> torch.Tensor:
     """softmax(q k^T / sqrt(d) + causal mask) v, in float32.
 
-    q is (B, H, Tq, d) at positions offset..offset+Tq-1; k, v are (B, H, Tk, d) at 0..Tk-1.
+    q is (B, H, Tq, d) at positions offset..offset+Tq-1; k, v are (B, Hkv, Tk, d) at 0..Tk-1,
+    Hkv dividing H (query head h reads key/value head h // (H / Hkv)).
     """
+    k, v = expand_heads(k, q.shape[1]), expand_heads(v, q.shape[1])
     scores = (q.float() @ k.float().transpose(-1, -2)) / q.shape[-1] ** 0.5
     q_pos = torch.arange(offset, offset + q.shape[2], device=q.device)[:, None]
     k_pos = torch.arange(k.shape[2], device=q.device)[None, :]
@@ -48,11 +61,17 @@ def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offse
 
 def fast_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offset: int) -> torch.Tensor:
     """The same as ``reference_attention`` through the fused SDPA kernel."""
+    gqa = {}
+    if q.shape[1] != k.shape[1]:
+        if SDPA_GQA:
+            gqa = {"enable_gqa": True}
+        else:
+            k, v = expand_heads(k, q.shape[1]), expand_heads(v, q.shape[1])
     if offset == 0 and q.shape[2] == k.shape[2]:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, **gqa)
     q_pos = torch.arange(offset, offset + q.shape[2], device=q.device)[:, None]
     k_pos = torch.arange(k.shape[2], device=q.device)[None, :]
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=k_pos <= q_pos)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=k_pos <= q_pos, **gqa)
 
 
 @MIXERS.register("attention")
@@ -95,17 +114,13 @@ class Attention(nn.Module):
         cos, sin = rotary_tables(torch.arange(offset, offset + t, device=x.device), self.head_dim, self.rope_base)
         return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
 
-    def expand_kv(self, kv: torch.Tensor) -> torch.Tensor:
-        groups = self.n_heads // self.n_kv_heads
-        return kv if groups == 1 else kv.repeat_interleave(groups, dim=1)
-
     def merge(self, y: torch.Tensor) -> torch.Tensor:
         b, _, t, _ = y.shape
         return self.out(y.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q, k, v = self.project(x, 0)
-        return self.merge(self.attend(q, self.expand_kv(k), self.expand_kv(v), 0))
+        return self.merge(self.attend(q, k, v, 0))
 
     def flops(self, batch: int, context: int) -> Flops:
         """The four projections, plus Q K^T and P V over the full T x T scores of every head::
@@ -135,6 +150,6 @@ class Attention(nn.Module):
         state["k"][:, :, pos:pos + t] = k.to(state["k"].dtype)
         state["v"][:, :, pos:pos + t] = v.to(state["v"].dtype)
         state["pos"] = pos + t
-        keys = self.expand_kv(state["k"][:, :, :pos + t]).to(q.dtype)
-        values = self.expand_kv(state["v"][:, :, :pos + t]).to(q.dtype)
+        keys = state["k"][:, :, :pos + t].to(q.dtype)
+        values = state["v"][:, :, :pos + t].to(q.dtype)
         return self.merge(self.attend(q, keys, values, pos)), state
