@@ -1,6 +1,11 @@
 """Layer streaming: generated weights exist only while their block runs, forward and backward."""
 
 import gc
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 from unittest import mock
 
 import pytest
@@ -120,3 +125,83 @@ def test_scalar_coarse_has_one_parameter_per_matrix():
     model = seeded_model(1, stream=False, linear={**FACTORED, "coarse": "scalar"})
     assert model.blocks[0].mixer.q.coarse.shape == (1,)
     assert model.blocks[0].mixer.q.weight().shape == (32, 32)
+
+
+# Peak RSS of a streamed forward + backward, in a fresh process, above the RSS right before it.
+# A one-layer pass first maps in the code and thread pools every depth needs (file-backed pages,
+# whose count varies with the page cache); then the kernel's peak (VmHWM) is reset. The counter
+# hash is swapped for torch's generator: the values do not change what stays alive, and the real
+# hash would make the 80 layer generations take minutes.
+PEAK_RSS_SCRIPT = """
+import gc, json, re, sys
+import torch
+import seedbed.seeds
+from seedbed.config import ModelConfig
+from seedbed.model import LM, virtual_parameters
+
+seedbed.seeds.random_bits = lambda seed, count, device="cpu", offset=0: torch.randint(
+    0, 2**32, (count,), generator=torch.Generator().manual_seed(seed), dtype=torch.int64)
+torch.set_num_threads(1)
+n_layers, width, tokens = map(int, sys.argv[1:])
+
+def train_step(n_layers):
+    torch.manual_seed(0)
+    model = LM(ModelConfig(
+        vocab_size=256, d_model=width, n_layers=n_layers, max_seq_len=tokens, stream_layers=True,
+        mixer={"kind": "attention", "n_heads": 8},
+        ffn={"kind": "modulo-experts", "splits": [2, 3], "ranks": [8, 8], "generalist_mult": 2.0},
+        linear={"kind": "seeded", "rank": 32, "keep": 0.75, "fine_scale": 0.0, "fine_shift": 0.0,
+                "sign_mask": False}))
+    ids = torch.randint(0, 256, (1, tokens + 1))
+    yield model
+    model.loss(ids[:, :-1], ids[:, 1:]).backward()
+    yield model
+
+def status(key):
+    with open("/proc/self/status") as f:
+        return int(re.search(key + r":\\s+(\\d+)", f.read()).group(1)) * 1024
+
+for _ in train_step(1):
+    pass
+gc.collect()
+step = train_step(n_layers)
+model = next(step)
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # resets VmHWM to the current RSS
+built = status("VmRSS")
+next(step)
+print(json.dumps({"peak": status("VmHWM") - built, "weights_per_layer": 4 * virtual_parameters(model.blocks[0]),
+                  "activations_per_layer": 4 * tokens * width, "matrix": 4 * width * width}))
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="reads and resets peak RSS in /proc")
+def test_measured_peak_memory_grows_with_activations_not_weights():
+    """8 and 32 streamed layers of equal width (8 MiB of generated weights a layer), forward and
+    backward: the 24 extra layers may add their checkpointed block inputs, not their weights nor
+    anything derived from them (row-scaled copies, casts).
+
+    glibc's dynamic mmap threshold would serve these multi-MB tensors from the heap, whose
+    high-water mark grows with fragmentation as well as with live tensors; a fixed threshold
+    returns every large tensor to the system when it is freed, so RSS follows what is alive.
+    """
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(128 * 1024), "OMP_NUM_THREADS": "1"}
+    runs = {n: subprocess.Popen([sys.executable, "-c", PEAK_RSS_SCRIPT, str(n), "512", "64"], env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for n in (8, 32)}  # side by side: one core each
+    results = {}
+    for n, run in runs.items():
+        out, err = run.communicate(timeout=300)
+        assert run.returncode == 0, err[-3000:]
+        results[n] = json.loads(out)
+    extra_weights = 24 * results[32]["weights_per_layer"]
+    extra_activations = 24 * results[32]["activations_per_layer"]
+    growth = results[32]["peak"] - results[8]["peak"]
+    mib = lambda b: f"{b / 2**20:.1f} MiB"
+    print(f"peak RSS above the built model: 8 layers {mib(results[8]['peak'])}, 32 layers "
+          f"{mib(results[32]['peak'])}; growth {mib(growth)} against 24 layers of weights {mib(extra_weights)} "
+          f"and of checkpointed activations {mib(extra_activations)}")
+    assert growth < extra_weights / 8
+    # If each layer kept even its smallest derived full-size tensor (one width x width matrix), the 24
+    # extra layers would add at least this; what remains is a few MiB of allocator and autograd bookkeeping.
+    assert growth < extra_activations + 24 * results[32]["matrix"]

@@ -85,6 +85,7 @@ class TrainConfig:
     log_every: int = 10
     seed_search_every: int = 0  # gradient-free search over seeded modules every N steps; 0: seeds stay frozen
     seed_search_candidates: int = 4
+    seed_search_margin: float = 2.0  # accept a proposal only if it wins by this many standard errors
 
     def check(self, where: str) -> None:
         for name in ("batch_size", "grad_accum", "log_every"):
@@ -94,6 +95,7 @@ class TrainConfig:
                      "seed_search_every"):
             require(getattr(self, name) >= 0, f"{where}.{name} must be >= 0, got {getattr(self, name)}")
         require(self.seed_search_candidates > 0, f"{where}.seed_search_candidates must be positive")
+        require(self.seed_search_margin >= 0, f"{where}.seed_search_margin must be >= 0")
         require(self.eval_every_seconds > 0, f"{where}.eval_every_seconds must be positive")
         require(self.checkpoint_every_seconds > 0, f"{where}.checkpoint_every_seconds must be positive")
         require(self.optimizer in ("muon", "adamw"), f"{where}.optimizer must be muon or adamw, got {self.optimizer!r}")
@@ -128,7 +130,7 @@ RESUMABLE_TRAIN_KEYS = frozenset({
     "steps", "minutes", "lr", "matrix_lr", "momentum", "beta1", "beta2", "weight_decay", "warmup_steps",
     "schedule", "warmdown_frac", "min_lr_frac", "grad_clip", "dtype", "compile", "device", "threads",
     "eval_every_seconds", "eval_tokens", "eval_stride", "checkpoint_every_seconds", "checkpoint_every_steps",
-    "log_every", "seed_search_every", "seed_search_candidates"})
+    "log_every", "seed_search_every", "seed_search_candidates", "seed_search_margin"})
 
 
 def check_resume_config(saved: dict[str, Any], cfg: RunConfig, skip: frozenset[str] = frozenset()) -> None:

@@ -174,7 +174,8 @@ SEED_MODELS = [
     ("orthogonal-lora", "gpt", ['model.linear={kind="orthogonal-lora", rank=64}']),
     ("gaussian-lora", "gpt", ['model.linear={kind="gaussian-lora", rank=64}']),
     ("germinator", "germinator", []),
-    # The same model and bytes with the gradient-free seed search interleaved (train/seed_search.py).
+    # The same model and bytes with the gradient-free seed search interleaved (train/seed_search.py:
+    # picked on one batch, accepted on another).
     ("germinator + seed search", "germinator",
      [f"train.seed_search_every={SEARCH_EVERY}", f"train.seed_search_candidates={SEARCH_CANDIDATES}"]),
 ]
@@ -222,7 +223,8 @@ def bench_seeds(minutes: float, output: Path, stream_preset: str = "germinator-1
         f"max RSS {stream['max_rss_mib']:,.0f} MiB.",
     ]
     lines += [f"Seed search in `{r.label}`: every {SEARCH_EVERY} steps, {SEARCH_CANDIDATES} one-seed proposals "
-              "scored on a fresh batch; "
+              "ranked on a fresh batch, the best kept only if it beats the current seeds on a second, "
+              "independent batch by two standard errors of the per-sequence difference; "
               f"{r.seed_search[0]} of {r.seed_search[1]} rounds accepted a proposal."
               for r in rows if r.seed_search[1]]
     write_section(output, "## seedbed bench seeds", "\n".join(lines) + "\n")

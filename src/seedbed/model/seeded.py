@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from seedbed.perf import Flops, matmul_flops
 from seedbed.registry import LINEARS, require
 from seedbed.seeds import random_int8, random_mask, random_normal, random_uint8
 
@@ -175,6 +176,16 @@ class SeededLinear(SeedCache):
             return F.linear(F.linear(x, b.to(x.dtype)), a.to(x.dtype)) * self.coarse.to(x.dtype)
         return F.linear(x, self.weight().to(x.dtype))
 
+    def flops(self, tokens: int) -> Flops:
+        """2 * tokens * matmul_macs forward. Factored, the factors are frozen, so backward is the input's
+        gradient alone; materialised, the weight takes a gradient too (through ``coarse``). A streamed
+        materialised weight is regenerated each call: its A B, 2 * out * rank * in, without gradient."""
+        forward = 2 * tokens * self.matmul_macs
+        flops = Flops(forward, forward * (1 if self.factored else 2))
+        if self.streaming and not self.factored:
+            flops += matmul_flops(self.out_features, self.rank, self.in_features, grads=0)
+        return flops
+
 
 class LoRABase(SeedCache):
     """Frozen seeded basis times a learnable row gain, plus a trainable low-rank adapter."""
@@ -204,6 +215,13 @@ class LoRABase(SeedCache):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.gain[:, None] * self.generated(self.build) + self.lora_b @ self.lora_a
         return F.linear(x, weight.to(x.dtype))
+
+    def flops(self, tokens: int) -> Flops:
+        """x W^T on every token, 2 * tokens * in * out, plus B A once per call, 2 * out * rank * in;
+        every factor is trainable, so each product's backward takes both gradients."""
+        rank = self.lora_a.shape[0]
+        return (matmul_flops(tokens, self.in_features, self.out_features)
+                + matmul_flops(self.out_features, rank, self.in_features))
 
 
 @LINEARS.register("orthogonal-lora")

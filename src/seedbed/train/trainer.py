@@ -145,7 +145,8 @@ class Trainer:
         self.model = LM(cfg.model).to(self.device)
         self.optimizers = build_optimizers(self.model, tcfg)
         self.data_rng = torch.Generator().manual_seed(tcfg.seed)
-        self.seed_search = SeedSearch(self.model, tcfg.seed_search_candidates, tcfg.seed + 1)
+        self.seed_search = SeedSearch(self.model, tcfg.seed_search_candidates, tcfg.seed + 1,
+                                      tcfg.seed_search_margin)
         if tcfg.seed_search_every and not self.seed_search:
             raise UserError("train.seed_search_every is set but the model has no seeded modules "
                             "(use model.linear.kind=seeded or a seeded feed-forward)")
