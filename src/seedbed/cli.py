@@ -225,16 +225,25 @@ def cmd_info(args: argparse.Namespace) -> None:
 
 
 def codec_progress(label: str):
+    """(progress callback, close). The bar appears with the first coded position, so a file
+    rejected for its header prints nothing but the error line."""
     from tqdm import tqdm
 
-    bar = tqdm(desc=label, unit="pos", dynamic_ncols=True, leave=False)
+    bar = None
 
     def update(done: int, total: int) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(desc=label, unit="pos", dynamic_ncols=True, leave=False)
         bar.total = total
         bar.n = done
         bar.refresh() if done == total or done % 64 == 0 else None
 
-    return update, bar
+    def close() -> None:
+        if bar is not None:
+            bar.close()
+
+    return update, close
 
 
 def cmd_compress(args: argparse.Namespace) -> None:
@@ -249,9 +258,11 @@ def cmd_compress(args: argparse.Namespace) -> None:
     if not Path(args.artifact).is_file():
         raise UserError(f"{args.artifact} is a run folder; pack it first (seedbed pack {args.artifact})")
     data = source.read_bytes()
-    update, bar = codec_progress("compress")
-    blob, stats = compress_bytes(loaded, artifact_digest(args.artifact), data, args.streams, progress=update)
-    bar.close()
+    update, close = codec_progress("compress")
+    try:
+        blob, stats = compress_bytes(loaded, artifact_digest(args.artifact), data, args.streams, progress=update)
+    finally:
+        close()
     atomic_write_bytes(args.out, blob)
     print(f"{source}: {stats.original_bytes:,} bytes -> {len(blob):,} bytes ({len(blob) - stats.payload_bytes} header)"
           f"  {stats.bpb:.4f} bits per byte  {stats.original_bytes / max(stats.seconds, 1e-9):,.0f} bytes/s")
@@ -270,9 +281,11 @@ def cmd_decompress(args: argparse.Namespace) -> None:
     if not compressed.is_file():
         raise UserError(f"compressed file {compressed} does not exist")
     loaded = load(args.artifact)
-    update, bar = codec_progress("decompress")
-    data, stats = decompress_bytes(loaded, artifact_digest(args.artifact), compressed.read_bytes(), progress=update)
-    bar.close()
+    update, close = codec_progress("decompress")
+    try:
+        data, stats = decompress_bytes(loaded, artifact_digest(args.artifact), compressed.read_bytes(), progress=update)
+    finally:
+        close()
     atomic_write_bytes(args.out, data)
     print(f"{compressed} -> {args.out}: {len(data):,} bytes  {len(data) / max(stats.seconds, 1e-9):,.0f} bytes/s")
 

@@ -12,23 +12,31 @@ C - S + 1 and C tokens, as in ``seedbed eval``. Encoder and decoder compute the
 distribution through the same function with the same batch shapes, and quantise it
 to integer frequencies (floor 1) before coding: both sides see identical tables.
 
-Compressed file layout (little-endian)::
+Compressed file layout (little-endian), format version 2::
 
-    0   magic b"SBZ1"
-    4   u8   format version (1)
-    5   u8   tokenizer mode (0 bytes, 1 SentencePiece)
-    6   u16  streams
+    0   4 B  magic b"SBZ1"
+    4   u8   format version (2)
+    5   u8   tokenizer mode: 0 bytes, 1 SentencePiece (must match the artifact's)
+    6   u16  streams: 1 to max(1, number of tokens)
     8   32 B SHA-256 of the artifact the file was compressed with
-    40  u64  original length in bytes
-    48  u64  number of tokens
+    40  u64  original length in bytes (= the number of tokens in bytes mode; 0 only if no tokens)
+    48  u64  number of tokens (at most what the payload can hold, see ``max_tokens``)
     56  32 B SHA-256 of the original bytes (decoding is checked against it)
-    88  ...  range-coder words (u32)
+    88  u64  payload length in bytes: whole u32 words, = file size - 100
+    96  u32  CRC32 of header bytes 0-95
+    100 ...  payload: range-coder words (u32)
+
+A reader checks the magic and the version first (they say what the rest is), then the
+header's CRC32, then every field against the artifact and the file size, before it
+allocates or decodes anything.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 import struct
+import zlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -39,11 +47,14 @@ import numpy as np
 import torch
 
 from seedbed.errors import UserError
+from seedbed.pack.artifact import seal
 
 MAGIC = b"SBZ1"
-VERSION = 1
-HEADER = struct.Struct("<4sBBH32sQQ32s")
+VERSION = 2
+HEADER = struct.Struct("<4sBBH32sQQ32sQI")  # the fields above, then the CRC32 of the bytes before it
 FREQUENCY_BITS = 20  # each symbol's probability is a multiple of 2^-20, at least 2^-20
+CODER_PRECISION = 24  # constriction's categorical models give every symbol at least 2^-24
+FLUSH_BITS = 64  # the coder's final state: bits a payload may lack beyond those of its tokens
 
 
 @dataclass
@@ -113,9 +124,27 @@ def code_positions(streams: int, length: int, n_tokens: int):
         yield p, real
 
 
+def max_tokens(payload_bytes: int, vocab: int) -> int:
+    """The most tokens a payload of ``payload_bytes`` can hold with a vocabulary of ``vocab``.
+
+    The coder leaves each of the other V - 1 symbols at least 2^-24, so no token costs less
+    than -log2(1 - (V - 1) 2^-24) bits, and the payload holds all their bits but the final
+    state's.
+    """
+    if vocab < 2:
+        return 2**64 - 1  # a lone symbol costs nothing: any count fits
+    min_bits = -math.log2(1 - (vocab - 1) / 2 ** CODER_PRECISION)
+    return math.floor((8 * payload_bytes + FLUSH_BITS) / min_bits)
+
+
 def pick_streams(n_tokens: int, requested: int) -> int:
     """Segments of at least 2048 tokens: each segment start costs context, so short files use few."""
     return max(1, min(requested, n_tokens // 2048, 65535))
+
+
+def tokenizer_mode(loaded) -> int:
+    """The header's tokenizer mode: 0 bytes, 1 SentencePiece."""
+    return 0 if loaded.tokenizer.name == "bytes" else 1
 
 
 def compress_bytes(loaded, artifact_digest: bytes, data: bytes, streams: int = 64, stride: int = 0,
@@ -139,31 +168,60 @@ def compress_bytes(loaded, artifact_digest: bytes, data: bytes, streams: int = 6
             if progress:
                 progress(p + 1, length)
     words = encoder.get_compressed().astype("<u4").tobytes()
-    mode = 0 if loaded.tokenizer.name == "bytes" else 1
-    header = HEADER.pack(MAGIC, VERSION, mode, streams, artifact_digest, len(data), len(tokens),
-                         hashlib.sha256(data).digest())
-    return header + words, CodecStats(len(data), len(tokens), len(words), time.perf_counter() - start)
+    header = HEADER.pack(MAGIC, VERSION, tokenizer_mode(loaded), streams, artifact_digest, len(data), len(tokens),
+                         hashlib.sha256(data).digest(), len(words), 0)
+    return seal(header) + words, CodecStats(len(data), len(tokens), len(words), time.perf_counter() - start)
 
 
-def read_header(blob: bytes, artifact_digest: bytes) -> tuple:
-    if len(blob) < HEADER.size or blob[:4] != MAGIC:
+@dataclass
+class HeaderFields:
+    """The fields of a compressed file's header that decoding needs."""
+
+    streams: int
+    n_bytes: int
+    n_tokens: int
+    data_digest: bytes
+
+
+def read_header(blob: bytes, artifact_digest: bytes, mode: int, vocab: int) -> HeaderFields:
+    """The header of a compressed file, checked against itself, the file size and the artifact
+    (its digest, tokenizer ``mode`` and ``vocab``) before any field is used."""
+    if len(blob) < 5 or blob[:4] != MAGIC:
         raise UserError("not a seedbed-compressed file (bad magic or too short)")
-    magic, version, mode, streams, digest, n_bytes, n_tokens, data_digest = HEADER.unpack_from(blob)
-    if version != VERSION:
-        raise UserError(f"compressed file has format version {version}; this seedbed reads {VERSION}")
+    if blob[4] != VERSION:
+        raise UserError(f"compressed file has format version {blob[4]}; this seedbed reads version {VERSION} "
+                        "(compress the file again, or it is damaged)")
+    if len(blob) < HEADER.size:
+        raise UserError(f"the compressed file is truncated ({len(blob)} bytes, "
+                        f"shorter than its {HEADER.size}-byte header)")
+    _, _, file_mode, streams, digest, n_bytes, n_tokens, data_digest, payload_len, crc = HEADER.unpack_from(blob)
+    if zlib.crc32(blob[:HEADER.size - 4]) != crc:
+        raise UserError("the compressed file is corrupted (header checksum mismatch)")
     if digest != artifact_digest:
         raise UserError("the compressed file was made with a different artifact (checksum mismatch)")
-    if (len(blob) - HEADER.size) % 4:
-        raise UserError("the compressed file is truncated (payload is not whole 32-bit words)")
-    return mode, streams, n_bytes, n_tokens, data_digest
+    if file_mode != mode:
+        raise UserError(f"the compressed file's tokenizer mode {file_mode} does not match the artifact's ({mode})")
+    if payload_len != len(blob) - HEADER.size:
+        raise UserError(f"the compressed file is truncated or has trailing bytes "
+                        f"({len(blob) - HEADER.size:,} payload bytes, header says {payload_len:,})")
+    if payload_len % 4:
+        raise UserError("the compressed file is corrupted (payload is not whole 32-bit words)")
+    if n_tokens > (most := max_tokens(payload_len, vocab)):
+        raise UserError(f"the compressed file is corrupted (it claims {n_tokens:,} tokens; "
+                        f"its {payload_len:,}-byte payload holds at most {most:,})")
+    if not 1 <= streams <= max(1, n_tokens):
+        raise UserError(f"the compressed file is corrupted (it claims {streams} streams for {n_tokens:,} tokens)")
+    # A byte token is one byte; other tokenizers give an empty text exactly when there are no tokens.
+    if not (n_bytes == n_tokens if mode == 0 else (n_bytes == 0) == (n_tokens == 0)):
+        raise UserError(f"the compressed file is corrupted (it claims {n_bytes:,} bytes in {n_tokens:,} tokens)")
+    return HeaderFields(streams, n_bytes, n_tokens, data_digest)
 
 
 def decompress_bytes(loaded, artifact_digest: bytes, blob: bytes, stride: int = 0,
                      progress: Callable[[int, int], None] | None = None) -> tuple[bytes, CodecStats]:
     start = time.perf_counter()
-    mode, streams, n_bytes, n_tokens, data_digest = read_header(blob, artifact_digest)
-    if mode != (0 if loaded.tokenizer.name == "bytes" else 1):
-        raise UserError("the compressed file's tokenizer mode does not match the artifact")
+    header = read_header(blob, artifact_digest, tokenizer_mode(loaded), loaded.model.cfg.vocab_size)
+    streams, n_bytes, n_tokens = header.streams, header.n_bytes, header.n_tokens
     words = np.frombuffer(blob[HEADER.size:], "<u4").astype(np.uint32)
     tokens = np.zeros(0, np.int64)
     if n_tokens:
@@ -183,7 +241,7 @@ def decompress_bytes(loaded, artifact_digest: bytes, blob: bytes, stride: int = 
             raise UserError("the compressed file is corrupted or truncated (range decoding failed)") from None
         tokens = rows.reshape(-1)[:n_tokens]
     data = loaded.tokenizer.decode(tokens) if n_tokens else b""
-    if len(data) != n_bytes or hashlib.sha256(data).digest() != data_digest:
+    if len(data) != n_bytes or hashlib.sha256(data).digest() != header.data_digest:
         raise UserError("the compressed file is corrupted or truncated (decoded text fails its checksum)")
     return data, CodecStats(len(data), int(n_tokens), len(blob) - HEADER.size, time.perf_counter() - start)
 

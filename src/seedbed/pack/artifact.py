@@ -1,15 +1,21 @@
 """The artifact: one self-describing file that reproduces a model, every byte accounted for.
 
-Layout (little-endian)::
+Layout (little-endian), format version 2::
 
-    0   magic  b"SEEDBED\\x1a"
-    8   u16    format version
-    10  u8     codec of the payload (0 raw, 1 zlib, 2 lzma, 3 zstd)
+    0   8 B    magic b"SEEDBED\\x1a"
+    8   u16    format version (2)
+    10  u8     codec of the payload: 0 raw, 1 zlib, 2 lzma, 3 zstd
     11  u8     reserved, 0
-    12  u64    payload length before compression
-    20  u64    payload length after compression
+    12  u64    payload length before compression (= the compressed length for raw)
+    20  u64    payload length after compression (= file size - 64)
     28  32 B   SHA-256 of the compressed payload
-    60  ...    compressed payload
+    60  u32    CRC32 of header bytes 0-59
+    64  ...    compressed payload
+
+A reader checks the magic and the version first (they say what the rest is), then the
+header's CRC32, then every field against the file before using it, then the payload's
+SHA-256, and only then decompresses. The uncompressed length is compared with what the
+codec produces, never used to size a buffer.
 
 The payload is ``u32 manifest length | manifest JSON | blobs``. The manifest holds the
 resolved config, where the tokenizer's bytes are, and for every tensor its name, storage
@@ -37,10 +43,11 @@ from seedbed.fileio import atomic_write_bytes
 from seedbed.pack.kinds import get_kind
 
 MAGIC = b"SEEDBED\x1a"
-VERSION = 1
-HEADER = struct.Struct("<8sHBBQQ32s")
+VERSION = 2
+HEADER = struct.Struct("<8sHBBQQ32sI")  # the fields above, then the CRC32 of the bytes before it
 SMALL_TENSOR = 65536  # tensors with fewer elements stay fp16 whatever the rule says
 
+# id -> (name, compress, decompress); ids are stored in artifacts, so never reuse one.
 CODECS = {
     0: ("raw", lambda b: b, lambda b: b),
     1: ("zlib", lambda b: zlib.compress(b, 9), zlib.decompress),
@@ -127,11 +134,44 @@ def build_payload(config: dict, state: dict[str, torch.Tensor], tokenizer_proto:
     return struct.pack("<I", len(manifest_bytes)) + manifest_bytes + b"".join(blobs)
 
 
+def seal(header: bytes) -> bytes:
+    """``header`` with its last four bytes set to the CRC32 of all the others."""
+    return header[:-4] + struct.pack("<I", zlib.crc32(header[:-4]))
+
+
 def encode_artifact(payload: bytes) -> bytes:
     """Compress with whichever codec gives the smallest file (measured, not assumed)."""
     best_id, best = min(((cid, codec[1](payload)) for cid, codec in CODECS.items()), key=lambda c: len(c[1]))
-    header = HEADER.pack(MAGIC, VERSION, best_id, 0, len(payload), len(best), hashlib.sha256(best).digest())
-    return header + best
+    header = HEADER.pack(MAGIC, VERSION, best_id, 0, len(payload), len(best), hashlib.sha256(best).digest(), 0)
+    return seal(header) + best
+
+
+def check_header(path: Path, data: bytes) -> tuple[int, int]:
+    """(codec id, uncompressed length) from an artifact's header, every field checked against the file."""
+    if len(data) < 10 or data[:8] != MAGIC:
+        raise UserError(f"{path} is not a seedbed artifact (bad magic or too short)")
+    (version,) = struct.unpack_from("<H", data, 8)
+    if version != VERSION:
+        raise UserError(f"{path} has artifact format version {version}; this seedbed reads version {VERSION} "
+                        "(pack the run again, or the file is damaged)")
+    if len(data) < HEADER.size:
+        raise UserError(f"artifact {path} is truncated ({len(data)} bytes, shorter than its {HEADER.size}-byte header)")
+    _, _, codec_id, reserved, raw_len, packed_len, digest, crc = HEADER.unpack_from(data)
+    if zlib.crc32(data[:HEADER.size - 4]) != crc:
+        raise UserError(f"artifact {path} is corrupted (header checksum mismatch)")
+    if codec_id not in CODECS:
+        raise UserError(f"artifact {path} is corrupted (unknown payload codec {codec_id})")
+    if reserved != 0:
+        raise UserError(f"artifact {path} is corrupted (reserved header byte is {reserved}, not 0)")
+    if packed_len != len(data) - HEADER.size:
+        raise UserError(f"artifact {path} is truncated or has trailing bytes "
+                        f"({len(data) - HEADER.size:,} payload bytes, header says {packed_len:,})")
+    if CODECS[codec_id][0] == "raw" and raw_len != packed_len:
+        raise UserError(f"artifact {path} is corrupted (uncompressed payload of {raw_len:,} bytes "
+                        f"stored raw in {packed_len:,})")
+    if hashlib.sha256(data[HEADER.size:]).digest() != digest:
+        raise UserError(f"artifact {path} is corrupted (payload checksum mismatch)")
+    return codec_id, raw_len
 
 
 def read_artifact(path: str | Path) -> Artifact:
@@ -139,20 +179,16 @@ def read_artifact(path: str | Path) -> Artifact:
     if not path.is_file():
         raise UserError(f"artifact {path} does not exist")
     data = path.read_bytes()
-    if len(data) < HEADER.size or data[:8] != MAGIC:
-        raise UserError(f"{path} is not a seedbed artifact (bad magic or too short)")
-    magic, version, codec_id, _, raw_len, packed_len, digest = HEADER.unpack_from(data)
-    if version != VERSION:
-        raise UserError(f"{path} has artifact format version {version}; this seedbed reads version {VERSION}")
-    packed = data[HEADER.size:]
-    if len(packed) != packed_len:
-        raise UserError(f"artifact {path} is truncated or has trailing bytes ({len(packed)} of {packed_len} payload bytes)")
-    if hashlib.sha256(packed).digest() != digest or codec_id not in CODECS:
-        raise UserError(f"artifact {path} is corrupted (checksum mismatch)")
-    payload = CODECS[codec_id][2](packed)
-    if len(payload) != raw_len:
-        raise UserError(f"artifact {path} is corrupted (payload length)")
-    (manifest_len,) = struct.unpack_from("<I", payload)
+    codec_id, raw_len = check_header(path, data)
+    try:
+        payload = CODECS[codec_id][2](data[HEADER.size:])
+    except (zlib.error, lzma.LZMAError, zstandard.ZstdError):
+        payload = None  # the checksums match, so the codec id is wrong for these bytes
+    if payload is None or len(payload) != raw_len:
+        raise UserError(f"artifact {path} is corrupted (payload does not decompress to {raw_len:,} bytes)")
+    manifest_len = int.from_bytes(payload[:4], "little")
+    if len(payload) < 4 or 4 + manifest_len > len(payload):
+        raise UserError(f"artifact {path} is corrupted (manifest longer than the payload)")
     manifest = json.loads(payload[4:4 + manifest_len])
     blobs = memoryview(payload)[4 + manifest_len:]
     tokenizer = manifest["tokenizer"]
