@@ -1,5 +1,6 @@
 """Artifacts: storage kinds round-trip, packed models reproduce their logits, bytes add up."""
 
+import shutil
 import subprocess
 import sys
 
@@ -11,6 +12,7 @@ from seedbed.errors import UserError
 from seedbed.pack.artifact import HEADER, QuantRule, read_artifact
 from seedbed.pack.kinds import KINDS, get_kind, pack_bits, unpack_bits
 from seedbed.pack.pack import describe, load_artifact, pack_model
+from seedbed.runs import load
 
 
 def seedbed(*args):
@@ -148,3 +150,19 @@ def test_cli_pack_info_eval_generate_on_artifact(tiny_run, tmp_path):
     over = seedbed("pack", str(tiny_run), "-o", str(tmp_path / "small.seedbed"), "--budget", "5000")
     assert over.returncode == 2 and "over the budget of 5,000" in over.stderr
     assert not (tmp_path / "small.seedbed").exists()
+
+
+def test_pack_reuses_the_runs_recorded_val_bpb_only_when_it_is_the_same_number(tiny_run, tmp_path):
+    loaded = load(tiny_run)
+    recomputed = loaded.evaluate_split(loaded.config.data.spec, "val").bpb
+    assert loaded.recorded_val_bpb == pytest.approx(recomputed, rel=1e-6)
+    # A record of another step (the weights changed since) or another stride is not reused.
+    copy = tmp_path / "run"
+    shutil.copytree(tiny_run, copy)
+    metrics = copy / "metrics.jsonl"
+    metrics.write_text(metrics.read_text().replace('"step": 60, "val_bpb"', '"step": 59, "val_bpb"'))
+    assert load(copy).recorded_val_bpb is None
+    shutil.copy(tiny_run / "metrics.jsonl", metrics)
+    config = copy / "config.toml"
+    config.write_text(config.read_text().replace("eval_stride = 0", "eval_stride = 16"))
+    assert load(copy).recorded_val_bpb is None

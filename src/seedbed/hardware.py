@@ -10,6 +10,7 @@ goes through ``fast_bf16``. ``SEEDBED_CPU_FLAGS`` overrides the flags read from
 
 from __future__ import annotations
 
+import ctypes
 import os
 import platform
 from functools import cache
@@ -71,3 +72,23 @@ def describe_machine(device: torch.device | None = None) -> str:
     if device is not None and device.type == "cuda":
         line += f", GPU {torch.cuda.get_device_name(device)}"
     return line
+
+
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+
+
+@cache
+def return_large_frees_to_the_system(threshold: int = 128 * 1024) -> bool:
+    """Serve every allocation above ``threshold`` bytes by mmap, for the rest of the process.
+
+    glibc raises its mmap threshold as large blocks are freed, after which regenerated
+    weights come from the heap, and the heap's high-water mark grows with every layer
+    though nothing stays alive. A fixed threshold (which also stops that adjustment) hands
+    each freed block back at once, so layer streaming's memory follows what is alive.
+    Returns False where the C library has no ``mallopt`` (not glibc).
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, threshold))
+    except (OSError, AttributeError):
+        return False

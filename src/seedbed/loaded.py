@@ -26,6 +26,9 @@ class LoadedModel:
     config: RunConfig
     tokenizer: object
     path: Path
+    # The run's own final val bpb of exactly these weights (whole split, fp32, default stride),
+    # when its metrics record one; a packed model has none.
+    recorded_val_bpb: float | None = None
 
     def encode(self, data: bytes) -> np.ndarray:
         return self.tokenizer.encode(data)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from seedbed.config import config_from_dict, read_config_file
@@ -23,7 +24,7 @@ def load(path: str | Path) -> LoadedModel:
     if not (path / "config.toml").is_file() or not (path / CHECKPOINT_NAME).is_file():
         raise UserError(f"{path} is not a finished run folder (needs config.toml and {CHECKPOINT_NAME})")
     cfg = config_from_dict(read_config_file(path / "config.toml"))
-    tensors, _ = load_checkpoint(path / CHECKPOINT_NAME)
+    tensors, meta = load_checkpoint(path / CHECKPOINT_NAME)
     model = LM(cfg.model)
     state = {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}
     missing, unexpected = model.load_state_dict(state, strict=False)
@@ -32,4 +33,23 @@ def load(path: str | Path) -> LoadedModel:
     model.eval()
     proto_path = path / "tokenizer.model"
     tokenizer = tokenizer_from_proto(proto_path.read_bytes() if proto_path.is_file() else None)
-    return LoadedModel(model, cfg, tokenizer, path)
+    return LoadedModel(model, cfg, tokenizer, path, recorded_val_bpb(path, cfg, meta["step"]))
+
+
+def recorded_val_bpb(path: Path, cfg, step: int) -> float | None:
+    """The final val bpb the trainer logged for the checkpoint's step, if it scored the whole
+    split at the default stride (what ``evaluate_split`` would recompute), else None."""
+    if cfg.train.eval_stride not in (0, max(1, cfg.model.max_seq_len // 2)):
+        return None
+    try:
+        lines = (path / "metrics.jsonl").read_text().splitlines()
+    except OSError:
+        return None
+    for line in reversed(lines):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            return None
+        if "val_bpb" in record and record.get("step") == step and isinstance(record["val_bpb"], float):
+            return record["val_bpb"]
+    return None

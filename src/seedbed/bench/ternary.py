@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils import benchmark
 
+from seedbed.hardware import cpu_has_fast_bf16
 from seedbed.model.bitlinear import (INT8_MATMUL_ON_CPU, BitLinear, quantise_activations, ternarise,
                                      ternary_matmul_int8, ternary_matmul_reference)
 
@@ -37,6 +38,8 @@ def bench_ternary_matmul(shapes: list[tuple[int, int]], min_run_time: float = 0.
         }
         if not INT8_MATMUL_ON_CPU:
             del candidates["ternary_int8"]
+        if not cpu_has_fast_bf16():  # emulated bf16 would only measure the emulation
+            del candidates["bf16_dense"]
         row = {"in_features": in_features, "out_features": out_features, "threads": torch.get_num_threads()}
         with torch.no_grad():
             for name, run in candidates.items():

@@ -165,7 +165,7 @@ def bench_codec(artifact: Path, output: Path, streams: int = 64) -> None:
         "## seedbed bench codec",
         "",
         f"`seedbed bench codec --artifact {artifact.name}` ({model_bytes:,}-byte artifact) on the default corpus's "
-        f"test split ({len(text):,} bytes), {torch.get_num_threads()} threads, {time.strftime('%Y-%m-%d')}. "
+        f"test split ({len(text):,} bytes), on {describe_machine()}, {time.strftime('%Y-%m-%d')}. "
         f"Round trip byte-exact. `seedbed eval` on the same text: {evaluated.bpb:.4f} bpb; the coded payload "
         f"is {enc.bpb / evaluated.bpb - 1:+.2%} from it.",
         "",

@@ -17,6 +17,7 @@ from torch.utils.checkpoint import checkpoint
 # Importing the component modules registers them.
 from seedbed.model import attention, bitlinear, kan, mlp, modulo_experts, moe, retention, seeded  # noqa: F401
 from seedbed.config import ModelConfig
+from seedbed.hardware import return_large_frees_to_the_system
 from seedbed.model.layers import BuildContext
 from seedbed.model.seeded import SeedCache
 from seedbed.registry import FFNS, MIXERS, require
@@ -61,6 +62,8 @@ class LM(nn.Module):
         for module in self.modules():
             if isinstance(module, SeedCache):
                 module.streaming = cfg.stream_layers
+        if cfg.stream_layers:
+            return_large_frees_to_the_system()
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         h = self.final_norm(h)
