@@ -52,7 +52,7 @@ def test_corpus_smaller_than_one_context(tmp_path):
     small = tmp_path / "small.txt"
     small.write_text("a few words only, well under one context of text\n" * 2)
     out = tmp_path / "run"
-    assert_one_line_error(train_into(out, "--data", str(small)), "fewer than one context of 256")
+    assert_one_line_error(train_into(out, "--data", str(small)), "fewer than one context of 128")
     assert not out.exists()
 
 
@@ -77,7 +77,7 @@ def test_non_utf8_corpus_is_fine_with_bytes(tmp_path, text_file):
     (["model.widht=128"], ["unknown config key model.widht"]),
     (["model.d_model=0"], ["model.d_model must be positive"]),
     (["train.batch_size=-4"], ["train.batch_size must be positive"]),
-    (["model.mixer.n_heads=5"], ["n_heads=5 does not divide model.d_model=256"]),
+    (["model.mixer.n_heads=5"], ["n_heads=5 does not divide model.d_model=128"]),
     (["model.ffn.kind=kan9"], ["unknown ffn 'kan9'"]),
     (["--config", "/nonexistent.toml"], ["config file /nonexistent.toml does not exist"]),
 ])

@@ -31,7 +31,9 @@ class MatmulDtypes(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def one_training_step(small_corpus, tmp_path) -> Counter:
+def one_training_step(small_corpus, tmp_path, monkeypatch) -> Counter:
+    # The MFU peak is not under test; measuring it in emulated bf16 would take minutes.
+    monkeypatch.setattr("seedbed.train.trainer.matmul_peak", lambda device, dtype: 1e12)
     cfg = resolve_config("gpt", overrides=[
         "model.d_model=32", "model.n_layers=2", "model.max_seq_len=32", "model.mixer.n_heads=2",
         "train.batch_size=2", "train.steps=1", "train.threads=1", f'data.spec="{small_corpus}"'])
@@ -44,7 +46,7 @@ def one_training_step(small_corpus, tmp_path) -> Counter:
 def test_a_cpu_without_bf16_units_trains_with_no_bf16_matmul(small_corpus, tmp_path, monkeypatch):
     monkeypatch.setenv("SEEDBED_CPU_FLAGS", AVX2_ONLY)
     assert not cpu_has_fast_bf16() and fast_dtype(torch.device("cpu")) == torch.float32
-    counts = one_training_step(small_corpus, tmp_path)
+    counts = one_training_step(small_corpus, tmp_path, monkeypatch)
     # Forward, backward and Muon's Newton-Schulz all ran, all in fp32.
     assert counts[torch.float32] > 20
     assert counts[torch.bfloat16] == 0
@@ -53,7 +55,7 @@ def test_a_cpu_without_bf16_units_trains_with_no_bf16_matmul(small_corpus, tmp_p
 def test_a_cpu_with_bf16_units_uses_bf16(small_corpus, tmp_path, monkeypatch):
     monkeypatch.setenv("SEEDBED_CPU_FLAGS", WITH_AMX)
     assert cpu_has_fast_bf16() and fast_dtype(torch.device("cpu")) == torch.bfloat16
-    counts = one_training_step(small_corpus, tmp_path)
+    counts = one_training_step(small_corpus, tmp_path, monkeypatch)
     assert counts[torch.bfloat16] > 20
 
 

@@ -135,7 +135,7 @@ def test_ddp_two_processes_stay_in_sync(small_corpus, tmp_path):
 def test_cli_train_eval_generate_on_default_corpus(tmp_path):
     run = tmp_path / "e2e"
     out = seedbed("train", "--preset", "gpt", "--steps", "6", "--out", str(run), "--no-progress",
-                  "model.d_model=64", "model.n_layers=2", "model.max_seq_len=64", "train.batch_size=8",
+                  "model.d_model=64", "model.n_layers=2", "model.max_seq_len=64", "model.mixer.n_heads=4", "train.batch_size=8",
                   "train.eval_stride=64")
     assert out.returncode == 0, out.stderr
     assert "val bpb" in out.stdout and "42 docs" in out.stderr
