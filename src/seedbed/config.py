@@ -76,7 +76,7 @@ class TrainConfig:
     dtype: str = "auto"  # auto | fp32 | bf16 (autocast)
     compile: bool = False
     device: str = "auto"  # auto | cpu | cuda
-    threads: int = 0  # 0: all cores, shared between local processes
+    threads: int = 0  # 0: OMP_NUM_THREADS if set, else all cores shared between local processes
     eval_every_seconds: float = 60.0
     eval_tokens: int = 65536  # val tokens scored by the periodic eval (0: the whole split)
     eval_stride: int = 0  # sliding-window stride for eval; 0: max_seq_len // 2

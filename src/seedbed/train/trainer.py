@@ -114,7 +114,9 @@ class Trainer:
             check_resume_config(self.checkpoint[1]["config"], cfg, skip=frozenset({"model.vocab_size"}))
 
         self.device = pick_device(tcfg.device, self.dist)
-        threads = tcfg.threads or max(1, (os.cpu_count() or 1) // self.dist.local_world)
+        # train.threads, else OMP_NUM_THREADS as torch reads it, else the cores shared between local ranks
+        threads = tcfg.threads or int(os.environ.get("OMP_NUM_THREADS", "0") or 0) or \
+            max(1, (os.cpu_count() or 1) // self.dist.local_world)
         torch.set_num_threads(threads)
         if self.dist.world > 1 and not dist.is_initialized():
             if self.device.type == "cuda":
