@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set up (idempotent) and run the test suite: one pytest worker per core (pytest-xdist), each
-# process on one thread, which on 2 cores is about twice as fast as one worker on both.
+# process on one thread (most tests are small tensors and process start-ups, which one thread
+# per core keeps busy); 405 s on a 2-core AVX2-only EPYC.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
