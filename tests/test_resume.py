@@ -4,7 +4,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import tomllib
 from pathlib import Path
 
@@ -16,7 +15,7 @@ from seedbed.errors import UserError
 from seedbed.train.trainer import Trainer
 
 from test_cli_errors import assert_one_line_error
-from test_train import TINY, final_weights, seedbed, tiny_config
+from test_train import TINY, TORCHRUN, final_weights, needs_torchrun, seedbed, tiny_config
 
 
 @pytest.fixture
@@ -88,13 +87,11 @@ def test_resume_extends_a_minutes_budget(small_corpus, tmp_path):
     assert second["warmup_seconds"] > first["warmup_seconds"] > 0
 
 
-@pytest.mark.skipif(shutil.which("torchrun") is None and not (Path(sys.executable).parent / "torchrun").exists(),
-                    reason="torchrun not installed")
+@needs_torchrun
 def test_resume_under_torchrun(small_corpus, tmp_path):
-    torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
     folder = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    launch = [torchrun, "--standalone", "--nproc_per_node", "2", "-m", "seedbed", "train", "--no-progress"]
+    launch = [TORCHRUN, "--standalone", "--nproc_per_node", "2", "-m", "seedbed", "train", "--no-progress"]
     out = subprocess.run(launch + ["--out", str(folder), "--steps", "4", "--data", str(small_corpus), *TINY],
                          capture_output=True, text=True, timeout=300, env=env)
     assert out.returncode == 0, out.stderr[-3000:]

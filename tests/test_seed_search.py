@@ -12,6 +12,8 @@ from seedbed.train.checkpoint import load_checkpoint
 from seedbed.train.seed_search import SeedSearch
 from seedbed.train.trainer import Trainer
 
+from test_train import interrupt_at_step
+
 
 class Seeded(nn.Module):
     def __init__(self):
@@ -144,17 +146,7 @@ def test_trainer_search_resumes_exactly(small_corpus, tmp_path):
     cfg = lambda: resolve_config("germinator", overrides=[*SEARCH_RUN, f'data.spec="{small_corpus}"'])
     Trainer(cfg(), tmp_path / "straight", progress=False).run()
 
-    interrupted = Trainer(cfg(), tmp_path / "split", progress=False)
-    real_step = interrupted.train_step
-
-    def crash_at_step_7():
-        if interrupted.step == 6:
-            raise KeyboardInterrupt
-        return real_step()
-
-    interrupted.train_step = crash_at_step_7
-    with pytest.raises(KeyboardInterrupt):
-        interrupted.run()
+    interrupt_at_step(Trainer(cfg(), tmp_path / "split", progress=False), 7)
     assert load_checkpoint(tmp_path / "split" / "checkpoint.safetensors")[1]["step"] == 4
     Trainer(cfg(), tmp_path / "split", resume=True, progress=False).run()
 

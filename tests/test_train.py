@@ -17,6 +17,10 @@ from seedbed.errors import UserError
 from seedbed.train.checkpoint import load_checkpoint
 from seedbed.train.trainer import Trainer, TrainingDiverged
 
+TORCHRUN_BESIDE_PYTHON = Path(sys.executable).parent / "torchrun"
+TORCHRUN = shutil.which("torchrun") or (str(TORCHRUN_BESIDE_PYTHON) if TORCHRUN_BESIDE_PYTHON.exists() else None)
+needs_torchrun = pytest.mark.skipif(TORCHRUN is None, reason="torchrun not installed")
+
 TINY = ["model.d_model=32", "model.n_layers=2", "model.max_seq_len=32", "model.mixer.n_heads=2",
         "train.batch_size=4", "train.eval_tokens=2000", "train.log_every=2", "train.warmup_steps=2",
         "train.dtype=fp32", "train.threads=1"]
@@ -31,6 +35,20 @@ def seedbed(*args: str, timeout: float = 300, **kwargs) -> subprocess.CompletedP
                           timeout=timeout, **kwargs)
 
 
+def interrupt_at_step(trainer: Trainer, step: int) -> None:
+    """Run ``trainer`` until it is about to take ``step`` (1-based), then stop it as Ctrl-C would."""
+    real_step = trainer.train_step
+
+    def crash():
+        if trainer.step == step - 1:
+            raise KeyboardInterrupt
+        return real_step()
+
+    trainer.train_step = crash
+    with pytest.raises(KeyboardInterrupt):
+        trainer.run()
+
+
 def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
     tensors, _ = load_checkpoint(run_dir / "checkpoint.safetensors")
     return {k: v for k, v in tensors.items() if k.startswith("model.")}
@@ -40,17 +58,7 @@ def test_resume_continues_exactly(small_corpus, tmp_path, monkeypatch):
     cfg = lambda: tiny_config(small_corpus, "train.steps=12", "train.checkpoint_every_steps=5")
     straight = Trainer(cfg(), tmp_path / "straight", progress=False).run()
 
-    interrupted = Trainer(cfg(), tmp_path / "split", progress=False)
-    real_step = interrupted.train_step
-
-    def crash_at_step_8():
-        if interrupted.step == 7:
-            raise KeyboardInterrupt
-        return real_step()
-
-    interrupted.train_step = crash_at_step_8
-    with pytest.raises(KeyboardInterrupt):
-        interrupted.run()
+    interrupt_at_step(Trainer(cfg(), tmp_path / "split", progress=False), 8)
     assert load_checkpoint(tmp_path / "split" / "checkpoint.safetensors")[1]["step"] == 5
     resumed = Trainer(cfg(), tmp_path / "split", resume=True, progress=False).run()
     assert resumed.steps == straight.steps == 12
@@ -115,13 +123,11 @@ def test_resume_without_checkpoint_is_an_error(small_corpus, tmp_path):
         Trainer(tiny_config(small_corpus, "train.steps=2"), tmp_path / "empty", resume=True)
 
 
-@pytest.mark.skipif(shutil.which("torchrun") is None and not (Path(sys.executable).parent / "torchrun").exists(),
-                    reason="torchrun not installed")
+@needs_torchrun
 def test_ddp_two_processes_stay_in_sync(small_corpus, tmp_path):
-    torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
     run = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    out = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", "-m", "seedbed", "train",
+    out = subprocess.run([TORCHRUN, "--standalone", "--nproc_per_node", "2", "-m", "seedbed", "train",
                           "--out", str(run), "--steps", "6", "--data", str(small_corpus), "--no-progress", *TINY],
                          capture_output=True, text=True, timeout=300, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
