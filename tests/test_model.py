@@ -25,9 +25,9 @@ def variants(registry, extra):
 def small_model(mixer=None, ffn=None, seed=0, **overrides) -> LM:
     """A 2-layer model whose every parameter is perturbed (generated weights stay as seeded)."""
     torch.manual_seed(seed)
-    cfg = ModelConfig(vocab_size=61, d_model=32, n_layers=2, max_seq_len=48,
-                      mixer=mixer or {"kind": "attention", "n_heads": 4},
-                      ffn=ffn or {"kind": "mlp"}, **overrides)
+    cfg = ModelConfig(**{"vocab_size": 61, "d_model": 32, "n_layers": 2, "max_seq_len": 48,
+                         "mixer": mixer or {"kind": "attention", "n_heads": 4},
+                         "ffn": ffn or {"kind": "mlp"}, **overrides})
     model = LM(cfg)
     # Zero-initialised projections would hide bugs: give every weight a random value.
     with torch.no_grad():
@@ -37,7 +37,28 @@ def small_model(mixer=None, ffn=None, seed=0, **overrides) -> LM:
     return model.eval()
 
 
+# Non-uniform stacks (model/stack.py): patterns, per-depth overrides, blocks without a mixer or
+# a feed-forward, shared parts with per-use adapters, gains and depth embeddings, extra inputs.
+ATTENTION = {"kind": "attention", "n_heads": 4}
+SHARED_ATTENTION_BLOCK = {"mixer": ATTENTION, "ffn": {"kind": "mlp"}, "share": "block", "lora_rank": 4,
+                          "input": "hidden+embedding"}
+STACKS = {
+    "pattern-retention-then-ffnless-attention": {
+        "n_layers": 4, "mixer": {"kind": "retention", "n_heads": 2}, "pattern": ["default", "attn"],
+        "blocks": {"attn": {"mixer": ATTENTION, "ffn": {"kind": "none"}}}},
+    "shared-ffn-with-gains": {"n_layers": 3, "blocks": {"default": {"share": "ffn", "use_scale": True}}},
+    "universal-with-depth-embedding": {"n_layers": 3, "blocks": {"default": {"share": "block", "depth_embedding": True}}},
+    "shared-mixer-lora-and-a-mixerless-depth": {
+        "n_layers": 3, "depths": {"1": "mlp_only"},
+        "blocks": {"default": {"share": "mixer", "lora_rank": 2}, "mlp_only": {"mixer": {"kind": "none"}}}},
+    "zamba-like": {"n_layers": 4, "mixer": {"kind": "mamba2"}, "ffn": {"kind": "none"}, "pattern": ["default", "attn"],
+                   "blocks": {"attn": SHARED_ATTENTION_BLOCK}},
+}
+
+
 def models_under_test():
+    for name, spec in STACKS.items():
+        yield f"stack-{name}", spec
     for name, opts in variants(MIXERS, MIXER_VARIANTS):
         yield f"mixer-{name}-{opts}", {"mixer": {"kind": name, **opts}}
     for name, opts in variants(FFNS, FFN_VARIANTS):
@@ -100,6 +121,8 @@ TRAIN_CASES = [(name, spec, ()) for name, spec in CASES] + [
     ("linear-seeded-factored", {"linear": {"kind": "seeded", "fine_scale": 0.0, "fine_shift": 0.0,
                                            "sign_mask": False}}, ()),
     ("linear-seeded-streamed", {"linear": {"kind": "seeded"}, "stream_layers": True}, ()),
+    # Checkpointing re-runs each layer in backward: the shared block's adapters must follow the use.
+    ("stack-zamba-like-streamed", {**STACKS["zamba-like"], "stream_layers": True}, ()),
 ]
 TRAIN_PARAMS = [pytest.param(spec, id=name, marks=marks) for name, spec, marks in TRAIN_CASES]
 

@@ -20,6 +20,38 @@ from seedbed.errors import UserError
 from seedbed.registry import build_dataclass, require
 
 
+SHARES = ("none", "ffn", "mixer", "block")
+BLOCK_INPUTS = ("hidden", "hidden+embedding")
+
+
+@dataclass
+class BlockConfig:
+    """One named kind of block in the layer stack (``model.blocks.NAME``); unset parts use the model's."""
+
+    mixer: dict[str, Any] | None = None  # {kind = "none"}: no mixer
+    ffn: dict[str, Any] | None = None  # {kind = "none"}: no feed-forward (Mamba's blocks)
+    linear: dict[str, Any] | None = None
+    norm: dict[str, Any] | None = None
+    # Which parts are one set of parameters for every depth that uses this block:
+    # none | ffn | mixer | block (mixer, feed-forward and input projection).
+    share: str = "none"
+    lora_rank: int = 0  # per-use LoRA of this rank on every linear of the shared parts (Zamba2)
+    use_scale: bool = False  # per-use learned gains on the mixer's and the feed-forward's outputs
+    depth_embedding: bool = False  # per-use learned vector added to the residual stream first (Universal Transformer)
+    input: str = "hidden"  # hidden | hidden+embedding: the mixer reads W [norm(h); norm(embedding)] (Zamba)
+
+    def check(self, where: str) -> None:
+        require(self.share in SHARES, f"{where}.share must be one of {', '.join(SHARES)}, got {self.share!r}")
+        require(self.input in BLOCK_INPUTS,
+                f"{where}.input must be one of {', '.join(BLOCK_INPUTS)}, got {self.input!r}")
+        require(self.lora_rank >= 0, f"{where}.lora_rank must be >= 0, got {self.lora_rank}")
+        require(self.lora_rank == 0 or self.share != "none",
+                f"{where}.lora_rank adapts shared parameters: set {where}.share too")
+        for part in ("mixer", "ffn", "linear", "norm"):
+            spec = getattr(self, part)
+            require(spec is None or "kind" in spec, f"{where}.{part} needs a 'kind'")
+
+
 @dataclass
 class ModelConfig:
     vocab_size: int = 256  # set from the tokenizer when training
@@ -36,12 +68,54 @@ class ModelConfig:
     # Keep no generated weights between uses and checkpoint each block, so that only the
     # running block's weights exist (GERMINATOR layer streaming); costs regeneration time.
     stream_layers: bool = False
+    # The layer stack. Every depth runs the default block (the fields above, plus
+    # ``blocks.default`` if given) unless ``pattern`` (names, "name*k" for k in a row; cycled
+    # to n_layers) or ``depths`` (depth index -> name) picks a named block from ``blocks``.
+    blocks: dict[str, dict[str, Any]] = field(default_factory=dict)
+    pattern: list[str] = field(default_factory=list)
+    depths: dict[str, str] = field(default_factory=dict)
 
     def check(self, where: str) -> None:
         for name in ("vocab_size", "d_model", "n_layers", "max_seq_len"):
             require(getattr(self, name) > 0, f"{where}.{name} must be positive, got {getattr(self, name)}")
+        for name, spec in self.blocks.items():
+            require(name.isidentifier(), f"{where}.blocks: block name {name!r} must be a plain identifier")
+            require(isinstance(spec, dict), f"{where}.blocks.{name} must be a table")
+            build_dataclass(BlockConfig, spec, f"{where}.blocks.{name}")
+        self.layer_plan(where)
         require(self.logit_softcap >= 0, f"{where}.logit_softcap must be >= 0")
         require(self.embed_init_std > 0, f"{where}.embed_init_std must be positive")
+
+    def layer_plan(self, where: str = "model") -> list[str]:
+        """The block name at every depth, from ``pattern`` and ``depths``."""
+        known = set(self.blocks) | {"default"}
+
+        def known_name(name: str, key: str) -> str:
+            require(name in known, f"{where}.{key}: unknown block {name!r} (known: {', '.join(sorted(known))})")
+            return name
+
+        cycle = []
+        for item in self.pattern:
+            name, _, count = item.partition("*")
+            require(count == "" or (count.isdigit() and int(count) > 0),
+                    f"{where}.pattern: {item!r} must be a block name or name*count")
+            cycle += [known_name(name.strip(), "pattern")] * (int(count) if count else 1)
+        require(not cycle or self.n_layers % len(cycle) == 0,
+                f"{where}.pattern covers {len(cycle)} layers, which does not divide n_layers={self.n_layers}")
+        plan = (cycle or ["default"]) * (self.n_layers // max(1, len(cycle)))
+        for depth, name in self.depths.items():
+            require(str(depth).isdigit() and int(depth) < self.n_layers,
+                    f"{where}.depths: {depth!r} is not a depth in 0..{self.n_layers - 1}")
+            plan[int(depth)] = known_name(name, f"depths.{depth}")
+        return plan
+
+    def block(self, name: str) -> BlockConfig:
+        """The named block with every unset part filled from the model's defaults."""
+        spec = build_dataclass(BlockConfig, self.blocks.get(name, {}), f"model.blocks.{name}")
+        for part in ("mixer", "ffn", "linear", "norm"):
+            if getattr(spec, part) is None:
+                setattr(spec, part, getattr(self, part))
+        return spec
 
 
 @dataclass

@@ -69,8 +69,7 @@ def training_flops_per_token(model: nn.Module, context: int, batch: int = 1) -> 
     embedding as a matrix; the embedding lookup costs nothing). ``batch`` matters only for
     weights formed once per call, whose cost is shared by the call's tokens."""
     cfg, tokens = model.cfg, batch * context
-    total = sum((block.mixer.flops(batch, context) + block.ffn.flops(batch, context) for block in model.blocks),
-                Flops())
+    total = sum((layer.flops(batch, context) for layer in model.blocks), Flops())
     head = matmul_flops(tokens, cfg.d_model, cfg.vocab_size) if model.head is None else model.head.flops(tokens)
     return (total + head).training / tokens
 

@@ -71,6 +71,33 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x, (x.shape[-1],), weight, self.eps)
 
 
+class PerUseLoRA(nn.Module):
+    """A linear shared by several depths, with one low-rank adapter per use (Zamba2)::
+
+        y = base(x) + (x A_u^T) B_u^T      A_u (rank, in), B_u (out, rank), use u = ``self.use``
+
+    B starts at zero, so every use starts as the shared linear. The stack sets ``use`` before
+    each call (``SharedParts.select``); the adapters are stacked (uses, ...) tensors, so the
+    optimiser treats them as the small 3-D parameters they are (AdamW), not as hidden matrices.
+    """
+
+    def __init__(self, base: nn.Module, uses: int, rank: int):
+        super().__init__()
+        self.base, self.use = base, 0
+        self.lora_a = nn.Parameter(torch.randn(uses, rank, base.in_features) / math.sqrt(base.in_features))
+        self.lora_b = nn.Parameter(torch.zeros(uses, base.out_features, rank))
+        self.in_features, self.out_features = base.in_features, base.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = self.lora_a[self.use].to(x.dtype), self.lora_b[self.use].to(x.dtype)
+        return self.base(x) + F.linear(F.linear(x, a), b)
+
+    def flops(self, tokens: int) -> Flops:
+        rank = self.lora_a.shape[1]
+        return (self.base.flops(tokens) + matmul_flops(tokens, self.in_features, rank)
+                + matmul_flops(tokens, rank, self.out_features))
+
+
 @dataclass
 class BuildContext:
     """What a component needs to know about the model it is built into."""
@@ -81,11 +108,14 @@ class BuildContext:
     max_seq_len: int
     linear_spec: dict[str, Any]
     norm_spec: dict[str, Any]
+    lora_uses: int = 0  # building a module shared by this many depths, with a LoRA per use ...
+    lora_rank: int = 0  # ... of this rank (0: no adapters)
 
     def linear(self, in_features: int, out_features: int, zero_init: bool = False,
                spec: dict[str, Any] | None = None) -> nn.Module:
         entry, options = LINEARS.options(spec or self.linear_spec, "model.linear")
-        return entry.cls(in_features, out_features, options, zero_init=zero_init)
+        linear = entry.cls(in_features, out_features, options, zero_init=zero_init)
+        return PerUseLoRA(linear, self.lora_uses, self.lora_rank) if self.lora_rank else linear
 
     def norm(self, dim: int) -> nn.Module:
         entry, options = NORMS.options(self.norm_spec, "model.norm")

@@ -1,4 +1,4 @@
-"""The decoder language model: embedding, a stack of (mixer, feed-forward) blocks, head.
+"""The decoder language model: embedding, the layer stack (``stack.py``), head.
 
 ``forward`` scores a whole sequence in parallel; ``init_state`` + ``step`` extend it
 incrementally with each mixer's cache or recurrent state, and ``generate`` samples.
@@ -15,34 +15,13 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 # Importing the component modules registers them.
-from seedbed.model import attention, bitlinear, kan, mlp, modulo_experts, moe, retention, seeded  # noqa: F401
+from seedbed.model import attention, bitlinear, kan, mamba2, mlp, modulo_experts, moe, retention, seeded  # noqa: F401
 from seedbed.config import ModelConfig
 from seedbed.hardware import return_large_frees_to_the_system
 from seedbed.model.layers import BuildContext
 from seedbed.model.seeded import SeedCache
-from seedbed.registry import FFNS, MIXERS, require
-
-
-class Block(nn.Module):
-    """Pre-norm residual block: x + mixer(norm(x)), then x + ffn(norm(x), tokens)."""
-
-    def __init__(self, cfg: ModelConfig, ctx: BuildContext):
-        super().__init__()
-        mixer_entry, mixer_options = MIXERS.options(cfg.mixer, "model.mixer")
-        ffn_entry, ffn_options = FFNS.options(cfg.ffn, "model.ffn")
-        self.mixer_norm = ctx.norm(cfg.d_model)
-        self.mixer = mixer_entry.cls(mixer_options, ctx)
-        self.ffn_norm = ctx.norm(cfg.d_model)
-        self.ffn = ffn_entry.cls(ffn_options, ctx)
-
-    def forward(self, x: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        x = x + self.mixer(self.mixer_norm(x))
-        return x + self.ffn(self.ffn_norm(x), tokens)
-
-    def step(self, x: torch.Tensor, tokens: torch.Tensor, state) -> tuple[torch.Tensor, object]:
-        y, state = self.mixer.step(self.mixer_norm(x), state)
-        x = x + y
-        return x + self.ffn(self.ffn_norm(x), tokens), state
+from seedbed.model.stack import build_stack
+from seedbed.registry import require
 
 
 class LM(nn.Module):
@@ -51,10 +30,7 @@ class LM(nn.Module):
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         nn.init.normal_(self.embed.weight, std=cfg.embed_init_std)
-        self.blocks = nn.ModuleList(
-            Block(cfg, BuildContext(cfg.d_model, cfg.n_layers, i, cfg.max_seq_len, cfg.linear, cfg.norm))
-            for i in range(cfg.n_layers)
-        )
+        self.shared, self.blocks = build_stack(cfg)
         head_ctx = BuildContext(cfg.d_model, cfg.n_layers, cfg.n_layers, cfg.max_seq_len, cfg.linear, cfg.norm)
         self.final_norm = head_ctx.norm(cfg.d_model)
         # The output head stays dense whatever the linear kind: it is small and sensitive.
@@ -76,13 +52,13 @@ class LM(nn.Module):
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """Float32 logits (B, T, V) for next-token prediction at every position."""
-        x = self.embed(tokens)
+        x = embedded = self.embed(tokens)
         for block in self.blocks:
             if self.cfg.stream_layers and torch.is_grad_enabled():
                 # Backward re-runs the block, regenerating its weights instead of keeping them.
-                x = checkpoint(block, x, tokens, use_reentrant=False)
+                x = checkpoint(block, x, embedded, tokens, use_reentrant=False)
             else:
-                x = block(x, tokens)
+                x = block(x, embedded, tokens)
         return self.logits(x)
 
     def log_probs(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -97,14 +73,14 @@ class LM(nn.Module):
 
     def init_state(self, batch: int, max_len: int) -> list:
         param = self.embed.weight
-        return [block.mixer.init_state(batch, max_len, param.device, param.dtype) for block in self.blocks]
+        return [block.init_state(batch, max_len, param.device, param.dtype) for block in self.blocks]
 
     def step(self, tokens: torch.Tensor, state: list) -> tuple[torch.Tensor, list]:
         """Extend the sequence by ``tokens`` (B, t); returns their logits (B, t, V)."""
-        x = self.embed(tokens)
+        x = embedded = self.embed(tokens)
         new_state = []
         for block, block_state in zip(self.blocks, state):
-            x, block_state = block.step(x, tokens, block_state)
+            x, block_state = block.step(x, embedded, tokens, block_state)
             new_state.append(block_state)
         return self.logits(x), new_state
 
@@ -166,3 +142,13 @@ def virtual_parameters(model: nn.Module) -> int:
     covered = {id(p) for m in generated for p in m.parameters()}
     return sum(m.virtual_numel for m in generated) + sum(
         p.numel() for p in model.parameters() if id(p) not in covered)
+
+
+def effective_parameters(model: LM) -> int:
+    """Parameters run per token: the virtual count, plus every shared part's again for each use
+    after its first (its per-use adapters are counted once already)."""
+    extra = 0
+    for parts in model.shared.values():
+        uses = sum(1 for layer in model.blocks if layer.shared is parts)
+        extra += (uses - 1) * (virtual_parameters(parts) - parts.adapter_numel())
+    return virtual_parameters(model) + extra

@@ -2,7 +2,7 @@
 
 Muon keeps a momentum of each matrix's gradient and replaces the update with the
 nearest semi-orthogonal matrix, found by a quintic Newton-Schulz iteration. It applies
-to 2-D weights inside the blocks; embeddings, the head, norms and scalars use AdamW.
+to 2-D weights inside the blocks and their shared parts; embeddings, the head, norms and scalars use AdamW.
 
 The iteration runs in bf16 only where the device multiplies bf16 natively
 (``seedbed.hardware.fast_dtype``); on a CPU without bf16 units it runs in fp32, which
@@ -66,7 +66,7 @@ class Muon(torch.optim.Optimizer):
 
 
 def is_hidden_matrix(name: str, param: nn.Parameter) -> bool:
-    return param.ndim == 2 and name.startswith("blocks.")
+    return param.ndim == 2 and name.startswith(("blocks.", "shared."))
 
 
 def build_optimizers(model: nn.Module, cfg: TrainConfig) -> list[torch.optim.Optimizer]:

@@ -1,0 +1,168 @@
+"""The layer stack: which block runs at each depth, and which parameters depths share.
+
+``ModelConfig.layer_plan()`` names the block at every depth (the default block, a repeated
+pattern, per-depth overrides) and each depth becomes a ``Layer``. With x_0 the token
+embeddings and h the residual stream, a layer computes
+
+    h <- h + e_u                                  depth_embedding: a learned vector per use
+    u  = norm(h)                                  input = "hidden"
+    u  = W_in [norm(h); norm_0(x_0)]              input = "hidden+embedding" (Zamba: 2d -> d)
+    h <- h + g_u * mixer(u)                       use_scale: learned gains g_u, f_u per use (else 1)
+    h <- h + f_u * ffn(norm(h), tokens)
+
+where either part may be absent (kind "none": Mamba's blocks have no feed-forward).
+
+Sharing. A block whose ``share`` is not "none" builds the shared parts (the feed-forward,
+the mixer, or both with the input projection) once, in ``SharedParts`` under
+``LM.shared[name]``; every layer using that block calls the same modules. The parameters
+are stored, counted and packed once, and their gradient is the sum over the uses. Norms,
+gains and depth embeddings always belong to the use (d parameters each). With
+``lora_rank`` r every linear inside the shared parts carries one rank-r adapter per use,
+``W x + B_u A_u x`` (``layers.PerUseLoRA``); the layer selects its use before each call,
+also when activation checkpointing re-runs it in backward.
+
+State. A layer's decode state is its mixer's (a KV cache, a recurrent state, or None
+without a mixer): a shared attention block used at two depths holds two caches, one per
+use, and the shared parameters nothing extra.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import torch
+from torch import nn
+
+from seedbed.config import BlockConfig, ModelConfig
+from seedbed.model.layers import BuildContext, PerUseLoRA
+from seedbed.perf import Flops
+from seedbed.registry import FFNS, MIXERS
+
+
+def build_part(registry, spec: dict, ctx: BuildContext, where: str) -> nn.Module | None:
+    if spec.get("kind") == "none":
+        return None
+    entry, options = registry.options(spec, where)
+    return entry.cls(options, ctx)
+
+
+class SharedParts(nn.Module):
+    """The parts of one block that all its uses share, built once; ``parts`` names them."""
+
+    def __init__(self, spec: BlockConfig, ctx: BuildContext, where: str):
+        super().__init__()
+        self.parts = {"ffn": {"ffn"}, "mixer": {"mixer"}, "block": {"mixer", "ffn", "input_proj"}}[spec.share]
+        if "mixer" in self.parts:
+            self.mixer = build_part(MIXERS, spec.mixer, ctx, f"{where}.mixer")
+        if "ffn" in self.parts:
+            self.ffn = build_part(FFNS, spec.ffn, ctx, f"{where}.ffn")
+        if "input_proj" in self.parts and spec.input == "hidden+embedding":
+            self.input_proj = ctx.linear(2 * ctx.d_model, ctx.d_model)
+        # A plain list, not submodules: the adapters are already registered where they sit.
+        self.adapters = [m for m in self.modules() if isinstance(m, PerUseLoRA)]
+
+    def select(self, use: int) -> None:
+        for adapter in self.adapters:
+            adapter.use = use
+
+    def adapter_numel(self) -> int:
+        return sum(a.lora_a.numel() + a.lora_b.numel() for a in self.adapters)
+
+
+class Layer(nn.Module):
+    """One depth of the stack: its own norms (and gains, depth embedding), its own or shared parts."""
+
+    def __init__(self, spec: BlockConfig, ctx: BuildContext, where: str, shared: SharedParts | None = None,
+                 use: int = 0):
+        super().__init__()
+        d_model, self.use = ctx.d_model, use
+        taken = shared.parts if shared is not None else set()
+        # Shared parts are attributes, not submodules: their parameters are registered once,
+        # under LM.shared, whatever the number of uses.
+        object.__setattr__(self, "shared", shared)
+        for name, registry in (("mixer", MIXERS), ("ffn", FFNS)):
+            if name in taken:
+                object.__setattr__(self, name, getattr(shared, name))
+            else:
+                setattr(self, name, build_part(registry, getattr(spec, name), ctx, f"{where}.{name}"))
+        self.mixer_norm = ctx.norm(d_model) if self.mixer is not None else None
+        self.ffn_norm = ctx.norm(d_model) if self.ffn is not None else None
+        if spec.input == "hidden+embedding" and self.mixer is not None:
+            self.embedding_norm = ctx.norm(d_model)
+            if "input_proj" in taken:
+                object.__setattr__(self, "input_proj", shared.input_proj)
+            else:
+                self.input_proj = ctx.linear(2 * d_model, d_model)
+        else:
+            self.input_proj = None
+        self.depth_embedding = nn.Parameter(torch.zeros(d_model)) if spec.depth_embedding else None
+        self.mixer_gain = nn.Parameter(torch.ones(d_model)) if spec.use_scale and self.mixer is not None else None
+        self.ffn_gain = nn.Parameter(torch.ones(d_model)) if spec.use_scale and self.ffn is not None else None
+
+    def mixer_input(self, h: torch.Tensor, embedded: torch.Tensor) -> torch.Tensor:
+        u = self.mixer_norm(h)
+        if self.input_proj is None:
+            return u
+        return self.input_proj(torch.cat([u, self.embedding_norm(embedded)], dim=-1))
+
+    def forward(self, h: torch.Tensor, embedded: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        return self.run(h, embedded, tokens, None)[0]
+
+    def step(self, h: torch.Tensor, embedded: torch.Tensor, tokens: torch.Tensor, state) -> tuple[torch.Tensor, object]:
+        return self.run(h, embedded, tokens, state, stepping=True)
+
+    def run(self, h: torch.Tensor, embedded: torch.Tensor, tokens: torch.Tensor, state,
+            stepping: bool = False) -> tuple[torch.Tensor, object]:
+        if self.shared is not None:
+            self.shared.select(self.use)
+        if self.depth_embedding is not None:
+            h = h + self.depth_embedding.to(h.dtype)
+        if self.mixer is not None:
+            u = self.mixer_input(h, embedded)
+            if stepping:
+                y, state = self.mixer.step(u, state)
+            else:
+                y = self.mixer(u)
+            h = h + (y if self.mixer_gain is None else y * self.mixer_gain.to(y.dtype))
+        if self.ffn is not None:
+            y = self.ffn(self.ffn_norm(h), tokens)
+            h = h + (y if self.ffn_gain is None else y * self.ffn_gain.to(y.dtype))
+        return h, state
+
+    def init_state(self, batch: int, max_len: int, device: torch.device, dtype: torch.dtype):
+        return None if self.mixer is None else self.mixer.init_state(batch, max_len, device, dtype)
+
+    def flops(self, batch: int, context: int) -> Flops:
+        total = Flops()
+        for part in (self.mixer, self.ffn):
+            if part is not None:
+                total = total + part.flops(batch, context)
+        if self.input_proj is not None:
+            total = total + self.input_proj.flops(batch * context)
+        return total
+
+
+def build_stack(cfg: ModelConfig) -> tuple[nn.ModuleDict, nn.ModuleList]:
+    """The shared parts (by block name) and one Layer per depth, following ``cfg.layer_plan()``."""
+    plan = cfg.layer_plan()
+    uses = Counter(plan)
+    specs = {name: cfg.block(name) for name in uses}
+
+    def context(name: str, depth: int, shared: bool = False) -> BuildContext:
+        spec = specs[name]
+        return BuildContext(cfg.d_model, cfg.n_layers, depth, cfg.max_seq_len, spec.linear, spec.norm,
+                            lora_uses=uses[name] if shared else 0, lora_rank=spec.lora_rank if shared else 0)
+
+    def where(name: str) -> str:
+        return "model" if name == "default" and name not in cfg.blocks else f"model.blocks.{name}"
+
+    shared = nn.ModuleDict({
+        name: SharedParts(specs[name], context(name, plan.index(name), shared=True), where(name))
+        for name in sorted(uses) if specs[name].share != "none"})
+    layers, seen = [], Counter()
+    for depth, name in enumerate(plan):
+        layers.append(Layer(specs[name], context(name, depth), where(name), shared[name] if name in shared else None,
+                            use=seen[name]))
+        seen[name] += 1
+    return shared, nn.ModuleList(layers)
+
