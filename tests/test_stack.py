@@ -149,3 +149,27 @@ def test_effective_parameters_count_each_use_of_a_shared_ffn():
     ffn = sum(p.numel() for p in tiny.shared.default.parameters())
     assert count_parameters(gpt) - count_parameters(tiny) == 3 * ffn
     assert effective_parameters(tiny) == count_parameters(gpt)
+
+
+@pytest.mark.parametrize("preset", ["mamba2", "zamba", "tiny", "universal"])
+def test_stack_presets_train_on_the_default_corpus_and_pack_exactly(preset, tmp_path):
+    """Each layer-stack preset trains through the CLI on the real corpus (narrowed to width 32), and
+    its fp32 artifact scores exactly what the run scores; shared parts count once per use."""
+    from test_train import seedbed
+
+    from seedbed.pack.pack import describe
+    from seedbed.runs import load
+
+    run = tmp_path / "run"
+    out = seedbed("train", "--preset", preset, "--steps", "3", "--out", str(run), "--no-progress",
+                  "model.d_model=32", "train.batch_size=4", "train.eval_stride=128", "train.threads=1")
+    assert out.returncode == 0, out.stderr
+    assert "42 docs" in out.stderr and "val bpb" in out.stdout
+    loaded = load(run)
+    packed = pack_model(loaded, tmp_path / "model.seedbed", QuantRule.parse("fp32"))
+    text = b"HAMLET. To be, or not to be, that is the question:\nWhether 'tis nobler in the mind to suffer\n" * 20
+    assert load_artifact(packed.path).evaluate(text).bpb == loaded.evaluate(text).bpb
+    stored, virtual, effective = (int(describe(packed.path).split(f" {kind}")[0].split()[-1].replace(",", ""))
+                                  for kind in ("stored", "virtual", "effective"))
+    assert stored == virtual == count_parameters(loaded.model)
+    assert (effective > stored) == (preset in ("zamba", "tiny", "universal"))

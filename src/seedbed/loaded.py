@@ -58,8 +58,10 @@ class LoadedModel:
         return evaluate_bpb(self.model, tokens, len(data), self.config.model.max_seq_len, stride,
                             batch_size=batch_size)
 
-    def evaluate_split(self, spec: str, split: str, stride: int = 0, max_tokens: int = 0) -> EvalResult:
-        """bpb on one split of a corpus (its first ``max_tokens`` tokens if given), in this model's tokenizer."""
+    def evaluate_split(self, spec: str, split: str, stride: int = 0, max_tokens: int = 0,
+                       context: int = 0) -> EvalResult:
+        """bpb on one split of a corpus (its first ``max_tokens`` tokens if given), in this model's tokenizer,
+        with windows of ``context`` tokens (0: the context it was trained at)."""
         if spec.startswith("shards:"):  # already tokens: the shards' own tokenizer counts the bytes
             chosen = getattr(load_dataset(spec, self.config.data.tokenizer, self.config.data.vocab_size), split)
             tokens, n_bytes = chosen.tokens, chosen.n_bytes
@@ -71,4 +73,4 @@ class LoadedModel:
         if 0 < max_tokens < len(tokens):
             tokens = tokens[:max_tokens]
             n_bytes = self.tokenizer.count_bytes(tokens)
-        return evaluate_bpb(self.model, tokens, n_bytes, self.config.model.max_seq_len, stride)
+        return evaluate_bpb(self.model, tokens, n_bytes, context or self.config.model.max_seq_len, stride)

@@ -29,7 +29,7 @@ import torch
 from seedbed.bench.train import write_section
 from seedbed.config import resolve_config
 from seedbed.hardware import describe_machine
-from seedbed.model import LM, count_parameters, virtual_parameters
+from seedbed.model import LM, count_parameters, effective_parameters, virtual_parameters
 from seedbed.pack.artifact import QuantRule
 from seedbed.pack.pack import load_artifact, pack_model
 from seedbed.runs import load
@@ -50,6 +50,8 @@ class ModelRow:
     # context -> (decode tokens/s at batch 1, bytes of decoding state), measured on the artifact
     decode: dict[int, tuple[float, int]] = field(default_factory=dict)
     seed_search: tuple[int, int] = (0, 0)  # (accepted, rounds) of the gradient-free seed search, if it ran
+    effective_params: int = 0  # shared parts counted once per use
+    long_context_bpb: float | None = None  # the packed artifact, val split, at long_context_factor x its context
 
 
 def decode_speed(model: LM, context: int, steps: int = 32) -> tuple[float, int]:
@@ -89,7 +91,7 @@ def in_fresh_process(function, *args):
 
 
 def _train_and_pack(label: str, preset: str, overrides: list[str], minutes: float, run_dir: Path, quant: str,
-                    decode_contexts: list[int], queue) -> None:
+                    decode_contexts: list[int], long_context_factor: int, queue) -> None:
     from seedbed.train.trainer import Trainer
 
     try:
@@ -101,20 +103,25 @@ def _train_and_pack(label: str, preset: str, overrides: list[str], minutes: floa
         packed_bpb = artifact.evaluate_split(cfg.data.spec, "val").bpb
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         decode = {context: decode_speed(artifact.model, context) for context in decode_contexts}
+        long_bpb = (artifact.evaluate_split(cfg.data.spec, "val", context=long_context_factor * cfg.model.max_seq_len).bpb
+                    if long_context_factor else None)
         rounds = [record for record in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
                   if "seed_search" in record]
         queue.put(ModelRow(label, result.val_bpb, packed_bpb, packed.size, count_parameters(loaded.model),
                            virtual_parameters(loaded.model), result.tokens_per_second, result.steps, result.tokens,
-                           rss, decode, (sum(record["accepted"] for record in rounds), len(rounds))))
+                           rss, decode, (sum(record["accepted"] for record in rounds), len(rounds)),
+                           effective_parameters(loaded.model), long_bpb))
     except BaseException as error:  # noqa: BLE001 - handed to the parent, which re-raises it
         queue.put(RuntimeError(f"[{label}] {type(error).__name__}: {error}"))
 
 
 def train_and_pack(label: str, preset: str, overrides: list[str], minutes: float, workdir: Path,
-                   quant: str = "int8", decode_contexts: list[int] | None = None) -> ModelRow:
+                   quant: str = "int8", decode_contexts: list[int] | None = None,
+                   long_context_factor: int = 0) -> ModelRow:
     print(f"[{label}] training {preset} {' '.join(overrides)} for {minutes:g} min ...", file=sys.stderr)
     run_dir = workdir / label.replace(" ", "-").replace("+", "-")
-    return in_fresh_process(_train_and_pack, label, preset, overrides, minutes, run_dir, quant, decode_contexts or [])
+    return in_fresh_process(_train_and_pack, label, preset, overrides, minutes, run_dir, quant, decode_contexts or [],
+                            long_context_factor)
 
 
 def generation_milliseconds(preset: str, overrides: list[str]) -> float:

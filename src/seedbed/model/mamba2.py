@@ -23,13 +23,14 @@ s(i, j) = a_{j+1} + ... + a_i for j <= i (s(i, i) = 0):
       S_c = sum_j exp(s(L - 1, j)) B_j X_j^T                        the chunk's own share of its last state
 
   The state entering chunk c + 1 is exp(sum of chunk c's a) times the one entering c, plus S_c, so
-  all N + 1 entering states (the last is the final state) are one (N + 1) x (N + 1) lower-triangular
-  matrix exp(segment sums of the chunk totals) times [S_in, S_0, ..., S_{N-1}]: a matmul, no loop.
+  with N_c chunks all N_c + 1 entering states (the last is the final state) are one lower-triangular
+  (N_c + 1) x (N_c + 1) matrix exp(segment sums of the chunk totals) times [S_in, S_0, ..., S_{N_c-1}]:
+  a matmul, no loop.
   That is the paper's SSD algorithm; C B^T is formed once per group and shared by its heads.
 - recurrent step: one position of the sequential form, plus rolling the convolution's window; the
   decode state is the last K - 1 convolution inputs and the H (N x P) states, whatever the length.
 
-Segment sums. exp is only ever taken of a segment sum (<= 0) or -inf, never of a positive number.
+Segment sums. Every decay is exp of a segment sum (<= 0) or of -inf, never of a positive number.
 They are summed directly (a masked cumulative sum of the a_k themselves), not as the difference
 cumsum(a)_i - cumsum(a)_j: over 4096 positions with dt A = -16 that running sum reaches -65536,
 where float32's spacing is 0.008, so a short segment's decay would lose its precision.
@@ -73,8 +74,8 @@ def segsum(a: torch.Tensor) -> torch.Tensor:
     """s[..., i, j] = a[..., j + 1] + ... + a[..., i] for j <= i (0 on the diagonal), -inf above it."""
     n = a.shape[-1]
     ones = torch.ones(n, n, dtype=torch.bool, device=a.device)
-    terms = a[..., :, None].expand(*a.shape, n).masked_fill(~ones.tril(-1), 0)  # terms[k, j] = a_k for k > j
-    return terms.cumsum(-2).masked_fill(~ones.tril(), float("-inf"))
+    terms = torch.where(ones.tril(-1), a[..., :, None], 0.0)  # terms[k, j] = a_k for k > j
+    return torch.where(ones.tril(), terms.cumsum(-2), float("-inf"))
 
 
 def ssd_step(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
@@ -113,17 +114,17 @@ def chunked_ssd(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Ten
     X = to_chunks(x * dt[..., None])  # (b, G, H/G, N_c, L, P)
     Bc, Cc = to_chunks(B), to_chunks(C)  # (b, G, 1, N_c, L, N)
     a = to_chunks((dt * A)[..., None])[..., 0]  # (b, G, H/G, N_c, L)
-    seg = segsum(a)
-    inner = ((Cc @ Bc.transpose(-1, -2)) * seg.exp()) @ X
-    own = Bc.transpose(-1, -2) @ (X * seg[..., -1, :].exp()[..., None])  # (b, G, H/G, N_c, N, P)
+    decay = segsum(a).exp()  # decay[i, j]: from after position j through position i; 0 for j > i
+    inner = ((Cc @ Bc.transpose(-1, -2)) * decay) @ X
+    own = Bc.transpose(-1, -2) @ (X * decay[..., -1, :, None])  # (b, G, H/G, N_c, N, P)
 
     # States entering each chunk, and (row N_c) after the last one, from the carried-in state and the chunks' own.
-    into = a.cumsum(-1)  # decay from the chunk's entering state through position i
-    across = segsum(F.pad(into[..., -1], (1, 0))).exp()  # (b, G, H/G, N_c + 1, N_c + 1)
+    from_entry = a.cumsum(-1)  # log decay from the chunk's entering state through position i
+    across = segsum(F.pad(from_entry[..., -1], (1, 0))).exp()  # (b, G, H/G, N_c + 1, N_c + 1)
     sources = torch.cat([state.reshape(batch, groups, -1, 1, d_state, head_dim), own], dim=3)
     entering = (across @ sources.flatten(-2)).unflatten(-1, (d_state, head_dim))
 
-    cross = (Cc @ entering[:, :, :, :n_chunks]) * into.exp()[..., None]
+    cross = (Cc @ entering[:, :, :, :n_chunks]) * from_entry.exp()[..., None]
     y = (inner + cross).permute(0, 3, 4, 1, 2, 5).reshape(batch, n_chunks * size, heads, head_dim)
     final = entering[:, :, :, n_chunks].contiguous()  # its own storage, not all N_c + 1 entering states
     return y[:, :length], final.view(batch, heads, d_state, head_dim)
@@ -136,7 +137,7 @@ def causal_conv(window: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) 
     length = window.shape[1] - kernel + 1
     out = bias
     for k in range(kernel):
-        out = out + weight[:, 0, k] * window[:, k:k + length]
+        out = torch.addcmul(out, weight[:, 0, k], window[:, k:k + length])
     return out
 
 

@@ -13,7 +13,7 @@ from seedbed.config import config_from_dict
 from seedbed.data import tokenizer_from_proto
 from seedbed.errors import UserError
 from seedbed.loaded import LoadedModel
-from seedbed.model import LM, virtual_parameters
+from seedbed.model import LM, effective_parameters, virtual_parameters
 from seedbed.pack.artifact import (CODECS, HEADER, QuantRule, build_payload, encode_artifact, group_name, read_artifact,
                                    write_artifact)
 from seedbed.pack.kinds import get_kind
@@ -112,7 +112,8 @@ def describe(path: str | Path) -> str:
     lines = [f"{path}: {artifact.file_size:,} bytes = {HEADER.size} header + "
              f"{artifact.file_size - HEADER.size:,} {artifact.codec}-compressed payload "
              f"({artifact.payload_size:,} bytes raw, ratio {artifact.payload_size / (artifact.file_size - HEADER.size):.3f})",
-             f"parameters: {stored:,} stored, {virtual_parameters(model):,} virtual (run at inference)",
+             f"parameters: {stored:,} stored, {virtual_parameters(model):,} virtual (generated weights at full size), "
+             f"{effective_parameters(model):,} effective (shared parts once per use: run per token)",
              "", "raw payload by section:",
              f"  {'manifest (config, tensor table)':40s} {manifest_bytes:>12,}",
              f"  {'tokenizer':40s} {manifest['tokenizer']['length'] if manifest['tokenizer'] else 0:>12,}"]
