@@ -130,17 +130,22 @@ def test_per_use_lora_starts_as_the_shared_block_and_adapts_each_use_apart():
         a.lora_a.numel() + a.lora_b.numel() for a in adapted.shared.default.adapters if a is not q)
 
 
-def test_shared_attention_keeps_one_cache_per_use_and_nothing_else():
-    model = build(n_layers=4, mixer={"kind": "retention", "n_heads": 2}, ffn={"kind": "none"},
-                  pattern=["default", "attn"],
-                  blocks={"attn": {"mixer": {"kind": "attention", "n_heads": 4}, "ffn": {"kind": "mlp"},
-                                   "share": "block", "lora_rank": 2, "input": "hidden+embedding"}})
-    state = model.init_state(2, 32)
-    kinds = [sorted(s) for s in state]
-    assert kinds == [["pos", "state"], ["k", "pos", "v"], ["pos", "state"], ["k", "pos", "v"]]
-    assert state[1]["k"] is not state[3]["k"]
-    assert model.blocks[1].mixer is model.blocks[3].mixer is model.shared.attn.mixer
+def test_zamba_keeps_kv_caches_only_for_the_shared_blocks_uses():
+    from seedbed.config import resolve_config
+
+    torch.manual_seed(0)
+    model = LM(resolve_config("zamba", overrides=["model.d_model=32"]).model)
+    state = model.init_state(2, 64)
+    mamba, attention = ["conv", "ssm"], ["k", "pos", "v"]
+    assert [sorted(s) for s in state] == [mamba] * 3 + [attention] + [mamba] * 3 + [attention]
+    assert state[3]["k"] is not state[7]["k"]
+    assert model.blocks[3].mixer is model.blocks[7].mixer is model.shared.attn.mixer
     assert model.blocks[0].ffn is None and "blocks.0.ffn_norm.weight" not in model.state_dict()
+    # Mamba-2 states do not grow with the context; only the two KV caches do.
+    longer = model.init_state(2, 256)
+    size = lambda s: sum(t.numel() for t in s.values() if isinstance(t, torch.Tensor))
+    assert all(size(a) == size(b) for a, b, name in zip(state, longer, model.cfg.layer_plan()) if name == "default")
+    assert all(size(b) == 4 * size(a) for a, b, name in zip(state, longer, model.cfg.layer_plan()) if name == "attn")
 
 
 def test_effective_parameters_count_each_use_of_a_shared_ffn():

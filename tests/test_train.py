@@ -123,12 +123,20 @@ def test_resume_without_checkpoint_is_an_error(small_corpus, tmp_path):
         Trainer(tiny_config(small_corpus, "train.steps=2"), tmp_path / "empty", resume=True)
 
 
+# Two depths of their own, and one attention + MLP block shared by two more, with a LoRA per use:
+# a parameter used twice in one forward, and adapters each use trains alone.
+SHARED_STACK = ["model.n_layers=4", 'model.pattern=["default", "attn"]',
+                'model.blocks={attn={mixer={kind="attention", n_heads=2}, ffn={kind="mlp"}, share="block", '
+                'lora_rank=2, input="hidden+embedding"}}']
+
+
 @needs_torchrun
 def test_ddp_two_processes_stay_in_sync(small_corpus, tmp_path):
     run = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out = subprocess.run([TORCHRUN, "--standalone", "--nproc_per_node", "2", "-m", "seedbed", "train",
-                          "--out", str(run), "--steps", "6", "--data", str(small_corpus), "--no-progress", *TINY],
+                          "--out", str(run), "--steps", "6", "--data", str(small_corpus), "--no-progress", *TINY,
+                          *SHARED_STACK],
                          capture_output=True, text=True, timeout=300, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     final = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
