@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up (idempotent) and run the test suite: one pytest worker per core (pytest-xdist), each
 # process on one thread (most tests are small tensors and process start-ups, which one thread
-# per core keeps busy); 405 s on a 2-core AVX2-only EPYC.
+# per core keeps busy); about 480 s on a 2-core AVX2-only EPYC.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
