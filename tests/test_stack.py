@@ -184,3 +184,18 @@ def test_stack_presets_train_on_the_default_corpus_and_pack_exactly(preset, tmp_
                                   for kind in ("stored", "virtual", "effective"))
     assert stored == virtual == count_parameters(loaded.model)
     assert (effective > stored) == (preset in ("zamba", "tiny", "universal"))
+
+
+def test_a_shared_mixture_of_experts_adds_up_the_balance_loss_of_every_use():
+    from seedbed.model import moe
+
+    shared = build(n_layers=3, ffn={"kind": "moe", "n_routed": 4}, blocks={"default": {"share": "ffn"}})
+    copy = unshared_copy(shared)
+    tokens = torch.randint(0, 61, (2, 20), generator=torch.Generator().manual_seed(0))
+    shared(tokens)
+    shared(tokens)  # a second forward starts a new sum
+    total = moe.auxiliary_loss(shared)
+    copy(tokens)
+    expected = moe.auxiliary_loss(copy)
+    assert all(copy.blocks[d].ffn.aux_loss > 0 for d in range(3))
+    torch.testing.assert_close(total, expected)

@@ -52,6 +52,7 @@ class LM(nn.Module):
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """Float32 logits (B, T, V) for next-token prediction at every position."""
+        moe.begin_forward(self)
         x = embedded = self.embed(tokens)
         for block in self.blocks:
             if self.cfg.stream_layers and torch.is_grad_enabled():

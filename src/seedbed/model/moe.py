@@ -21,7 +21,8 @@ Balance loss (Switch Transformer / DeepSeekMoE expert level), over the N tokens 
 
 A perfectly uniform router (every p_i = 1 / n_routed) gives ``L = balance_coef`` exactly;
 one that sends everything to a single expert gives nearly ``n_routed * balance_coef``.
-After each training forward ``aux_loss`` holds L (``LM.loss`` and the trainer add it to
+After each training forward ``aux_loss`` holds L (summed over its uses when the layer stack
+shares one mixture between depths; ``LM.loss`` and the trainer add it to
 the cross-entropy); in eval mode it is ``None``. ``expert_load`` always holds the
 detached ``f`` of the last forward, and ``drop_fraction`` the share of dropped assignments.
 
@@ -107,6 +108,9 @@ class MoE(nn.Module):
         self.routed = nn.ModuleList(entry.cls(expert_options, ctx) for _ in range(options.n_routed))
         self.router = ctx.linear(ctx.d_model, options.n_routed, spec={"kind": "dense"})
         self.aux_loss: torch.Tensor | None = None
+        # Shared by several depths (model/stack.py): add up the balance loss of every use in one
+        # forward, which ``begin_forward`` starts, instead of keeping only the last call's.
+        self.sums_over_calls = False
         self.expert_load: torch.Tensor | None = None
         self.drop_fraction: torch.Tensor | None = None
 
@@ -192,9 +196,17 @@ class MoE(nn.Module):
         self.expert_load = load.detach()
         self.drop_fraction = 1 - kept.float().mean()
         if self.training:
-            self.aux_loss = self.balance_coef * self.n_routed * (load * probs.mean(0)).sum()
+            loss = self.balance_coef * self.n_routed * (load * probs.mean(0)).sum()
+            self.aux_loss = loss if self.aux_loss is None or not self.sums_over_calls else self.aux_loss + loss
         else:
             self.aux_loss = None
+
+
+def begin_forward(model: nn.Module) -> None:
+    """Forget the balance losses that shared mixtures summed over the previous forward."""
+    for module in model.modules():
+        if isinstance(module, MoE) and module.sums_over_calls:
+            module.aux_loss = None
 
 
 def auxiliary_loss(model: nn.Module) -> torch.Tensor | float:

@@ -35,6 +35,7 @@ from torch import nn
 
 from seedbed.config import BlockConfig, ModelConfig
 from seedbed.model.layers import BuildContext, PerUseLoRA
+from seedbed.model.moe import MoE
 from seedbed.perf import Flops
 from seedbed.registry import FFNS, MIXERS
 
@@ -60,6 +61,9 @@ class SharedParts(nn.Module):
             self.input_proj = ctx.linear(2 * ctx.d_model, ctx.d_model)
         # A plain list, not submodules: the adapters are already registered where they sit.
         self.adapters = [m for m in self.modules() if isinstance(m, PerUseLoRA)]
+        for module in self.modules():
+            if isinstance(module, MoE):
+                module.sums_over_calls = True
 
     def select(self, use: int) -> None:
         for adapter in self.adapters:
