@@ -52,7 +52,8 @@ class LM(nn.Module):
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """Float32 logits (B, T, V) for next-token prediction at every position."""
-        moe.begin_forward(self)
+        for parts in self.shared.values():
+            parts.begin_forward()
         x = embedded = self.embed(tokens)
         for block in self.blocks:
             if self.cfg.stream_layers and torch.is_grad_enabled():

@@ -109,7 +109,7 @@ class MoE(nn.Module):
         self.router = ctx.linear(ctx.d_model, options.n_routed, spec={"kind": "dense"})
         self.aux_loss: torch.Tensor | None = None
         # Shared by several depths (model/stack.py): add up the balance loss of every use in one
-        # forward, which ``begin_forward`` starts, instead of keeping only the last call's.
+        # forward (``SharedParts.begin_forward`` starts it), instead of keeping only the last call's.
         self.sums_over_calls = False
         self.expert_load: torch.Tensor | None = None
         self.drop_fraction: torch.Tensor | None = None
@@ -200,13 +200,6 @@ class MoE(nn.Module):
             self.aux_loss = loss if self.aux_loss is None or not self.sums_over_calls else self.aux_loss + loss
         else:
             self.aux_loss = None
-
-
-def begin_forward(model: nn.Module) -> None:
-    """Forget the balance losses that shared mixtures summed over the previous forward."""
-    for module in model.modules():
-        if isinstance(module, MoE) and module.sums_over_calls:
-            module.aux_loss = None
 
 
 def auxiliary_loss(model: nn.Module) -> torch.Tensor | float:

@@ -59,11 +59,16 @@ class SharedParts(nn.Module):
             self.ffn = build_part(FFNS, spec.ffn, ctx, f"{where}.ffn")
         if "input_proj" in self.parts and spec.input == "hidden+embedding":
             self.input_proj = ctx.linear(2 * ctx.d_model, ctx.d_model)
-        # A plain list, not submodules: the adapters are already registered where they sit.
+        # Plain lists, not submodules: the adapters and mixtures are already registered where they sit.
         self.adapters = [m for m in self.modules() if isinstance(m, PerUseLoRA)]
-        for module in self.modules():
-            if isinstance(module, MoE):
-                module.sums_over_calls = True
+        self.mixtures = [m for m in self.modules() if isinstance(m, MoE)]
+        for mixture in self.mixtures:
+            mixture.sums_over_calls = True
+
+    def begin_forward(self) -> None:
+        """Start a new sum of the shared mixtures' balance losses over this forward's uses."""
+        for mixture in self.mixtures:
+            mixture.aux_loss = None
 
     def select(self, use: int) -> None:
         for adapter in self.adapters:
