@@ -11,6 +11,7 @@ from seedbed.errors import UserError
 from seedbed.model.layers import BuildContext
 from seedbed.model.mamba2 import Mamba2, chunked_ssd, sequential_ssd
 from seedbed.registry import MIXERS
+from test_model import decode_three_ways
 
 CTX = BuildContext(d_model=32, n_layers=1, layer_index=0, max_seq_len=64,
                    linear_spec={"kind": "dense"}, norm_spec={"kind": "rmsnorm"})
@@ -140,21 +141,13 @@ def test_layer_forms_agree_in_float32_and_under_bf16_autocast():
 
 
 def test_steps_and_prefills_equal_the_parallel_forward():
-    mixer = layer(chunk_size=8)
-    x = torch.randn(2, 45, 32)
-    with torch.no_grad():
-        full = mixer(x)
-        single = mixer.init_state(2, 45, x.device, x.dtype)
-        singles = [mixer.step(x[:, t:t + 1], single)[0] for t in range(45)]
-        chunked = mixer.init_state(2, 45, x.device, x.dtype)
-        # A prefill of 13 (not a multiple of 8), a second one carrying both states in, then single steps:
-        # the convolution's window spans each boundary.
-        parts = [mixer.step(x[:, :13], chunked)[0], mixer.step(x[:, 13:40], chunked)[0]]
-        parts += [mixer.step(x[:, t:t + 1], chunked)[0] for t in range(40, 45)]
+    # A prefill of 13 (not a multiple of 8), a second one carrying both states in, then single steps:
+    # the convolution's window spans each boundary.
+    full, singles, parts, single, chunked = decode_three_ways(layer(chunk_size=8), torch.randn(2, 45, 32), [13, 40])
     for name in ("conv", "ssm"):
         torch.testing.assert_close(chunked[name], single[name], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(torch.cat(singles, 1), full, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(torch.cat(parts, 1), full, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(singles, full, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(parts, full, rtol=1e-5, atol=1e-5)
 
 
 def test_decode_state_does_not_grow_with_context():

@@ -105,6 +105,21 @@ def test_step_by_step_equals_parallel(spec):
 
 
 
+def decode_three_ways(mixer, x: torch.Tensor, prefills: list[int]):
+    """A mixer's parallel output on x (B, T, d); its output stepped one position at a time; its output
+    from prefills ending at each of ``prefills`` and then single steps; and the two decode states."""
+    batch, length = x.shape[:2]
+    with torch.no_grad():
+        full = mixer(x)
+        single = mixer.init_state(batch, length, x.device, x.dtype)
+        singles = [mixer.step(x[:, t:t + 1], single)[0] for t in range(length)]
+        chunked = mixer.init_state(batch, length, x.device, x.dtype)
+        starts = [0] + prefills
+        parts = [mixer.step(x[:, a:b], chunked)[0] for a, b in zip(starts, prefills)]
+        parts += [mixer.step(x[:, t:t + 1], chunked)[0] for t in range(starts[-1], length)]
+    return full, torch.cat(singles, 1), torch.cat(parts, 1), single, chunked
+
+
 # Training mode: every case above, plus training-only behaviour worth its own case.
 CAPACITY_LEAK = pytest.mark.xfail(strict=True, reason=(
     "causality leak, MoE capacity_factor > 0 (training only): each expert keeps the first "

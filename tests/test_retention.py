@@ -12,6 +12,7 @@ from seedbed.model.layers import BuildContext
 from seedbed.model.retention import (Retention, chunkwise_retention, decay_exponents, parallel_retention,
                                      recurrent_retention)
 from seedbed.registry import MIXERS
+from test_model import decode_three_ways
 
 CTX = BuildContext(d_model=32, n_layers=1, layer_index=0, max_seq_len=64,
                    linear_spec={"kind": "dense"}, norm_spec={"kind": "rmsnorm"})
@@ -170,20 +171,12 @@ def test_paper_row_normalisation_is_removed_by_group_norm():
 
 
 def test_chunked_prefill_state_equals_one_at_a_time_steps():
-    mixer = layer(chunk_size=8)
-    x = torch.randn(2, 45, 32)
-    with torch.no_grad():
-        full = mixer(x)
-        single = mixer.init_state(2, 45, x.device, x.dtype)
-        singles = [mixer.step(x[:, t:t + 1], single)[0] for t in range(45)]
-        chunked = mixer.init_state(2, 45, x.device, x.dtype)
-        # Two prefills (the second continues from a non-zero state across several chunks), then single steps.
-        parts = [mixer.step(x[:, :11], chunked)[0], mixer.step(x[:, 11:40], chunked)[0]]
-        parts += [mixer.step(x[:, t:t + 1], chunked)[0] for t in range(40, 45)]
+    # Two prefills (the second continues from a non-zero state across several chunks), then single steps.
+    full, singles, parts, single, chunked = decode_three_ways(layer(chunk_size=8), torch.randn(2, 45, 32), [11, 40])
     assert single["pos"] == chunked["pos"] == 45
     torch.testing.assert_close(chunked["state"], single["state"], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(torch.cat(singles, 1), full, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(torch.cat(parts, 1), full, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(singles, full, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(parts, full, rtol=1e-4, atol=1e-4)
 
 
 def test_state_size_does_not_grow_with_steps_or_max_len():

@@ -12,17 +12,7 @@ from seedbed.loaded import LoadedModel
 from seedbed.model import LM, count_parameters, effective_parameters, virtual_parameters
 from seedbed.pack.artifact import QuantRule, read_artifact
 from seedbed.pack.pack import load_artifact, pack_model
-
-BASE = {"vocab_size": 61, "d_model": 32, "max_seq_len": 32, "mixer": {"kind": "attention", "n_heads": 4}}
-
-
-def build(seed: int = 0, **overrides) -> LM:
-    torch.manual_seed(seed)
-    model = LM(ModelConfig(**{**BASE, **overrides}))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.1)
-    return model
+from test_model import small_model
 
 
 def test_layer_plan_cycles_the_pattern_and_applies_depth_overrides():
@@ -64,7 +54,7 @@ def unshared_copy(shared: LM) -> LM:
 
 
 def test_shared_block_is_stored_once_and_its_gradient_sums_over_uses(tmp_path):
-    shared = build(n_layers=3, blocks={"default": {"share": "block"}})
+    shared = small_model(n_layers=3, blocks={"default": {"share": "block"}})
     copy = unshared_copy(shared)
     names = list(shared.state_dict())
     assert "shared.default.mixer.q.weight" in names and not any(".mixer.q." in n for n in names if n.startswith("blocks."))
@@ -100,9 +90,9 @@ def test_shared_block_is_stored_once_and_its_gradient_sums_over_uses(tmp_path):
 
 def test_per_use_lora_starts_as_the_shared_block_and_adapts_each_use_apart():
     spec = {"share": "block", "lora_rank": 4}
-    plain = build(n_layers=3, blocks={"default": {"share": "block"}})
+    plain = small_model(n_layers=3, blocks={"default": {"share": "block"}})
     torch.manual_seed(1)
-    adapted = LM(ModelConfig(**{**BASE, "n_layers": 3, "blocks": {"default": spec}}))
+    adapted = LM(ModelConfig(**{**vars(plain.cfg), "blocks": {"default": spec}}))
     # An adapted linear keeps its shared weight as ``base``, beside the per-use A and B.
     renamed = {name.replace(".weight", ".base.weight") if name.startswith("shared.") and "_norm" not in name
                else name: tensor for name, tensor in plain.state_dict().items()}
@@ -149,8 +139,8 @@ def test_zamba_keeps_kv_caches_only_for_the_shared_blocks_uses():
 
 
 def test_effective_parameters_count_each_use_of_a_shared_ffn():
-    tiny = build(n_layers=4, blocks={"default": {"share": "ffn"}})
-    gpt = build(n_layers=4)
+    tiny = small_model(n_layers=4, blocks={"default": {"share": "ffn"}})
+    gpt = small_model(n_layers=4)
     ffn = sum(p.numel() for p in tiny.shared.default.parameters())
     assert count_parameters(gpt) - count_parameters(tiny) == 3 * ffn
     assert effective_parameters(tiny) == count_parameters(gpt)
@@ -189,7 +179,7 @@ def test_stack_presets_train_on_the_default_corpus_and_pack_exactly(preset, tmp_
 def test_a_shared_mixture_of_experts_adds_up_the_balance_loss_of_every_use():
     from seedbed.model import moe
 
-    shared = build(n_layers=3, ffn={"kind": "moe", "n_routed": 4}, blocks={"default": {"share": "ffn"}})
+    shared = small_model(n_layers=3, ffn={"kind": "moe", "n_routed": 4}, blocks={"default": {"share": "ffn"}}).train()
     copy = unshared_copy(shared)
     tokens = torch.randint(0, 61, (2, 20), generator=torch.Generator().manual_seed(0))
     shared(tokens)
