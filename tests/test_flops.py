@@ -31,6 +31,7 @@ CPU_SDPA = {  # FlopCounterMode passes shapes: torch's own formulas for the CUDA
 
 MIXER_VARIANTS = {
     "attention": [{"reference": True}, {"n_kv_heads": 2}],
+    "hourglass": [{"compress": "last", "upsample": "attention", "latents": 2}, {"latent_loss": 0.5, "group": 3}],
     "retention": [{"form": "parallel"}, {"form": "recurrent"}, {"chunk_size": 12, "value_factor": 2.0}],
 }
 FFN_VARIANTS = {

@@ -13,7 +13,9 @@ from seedbed.model.attention import fast_attention, reference_attention
 from seedbed.registry import FFNS, LINEARS, MIXERS
 
 # Extra option sets worth testing beyond each component's defaults.
-MIXER_VARIANTS = {"attention": [{"n_heads": 4, "n_kv_heads": 2}, {"n_heads": 2, "qk_norm": False}]}
+MIXER_VARIANTS = {"attention": [{"n_heads": 4, "n_kv_heads": 2}, {"n_heads": 2, "qk_norm": False}],
+                  "hourglass": [{"compress": "last", "upsample": "attention", "group": 3, "latents": 2}],
+                  "multichannel": [{"channels": 3, "merge": "max", "shared_fraction": 0.5}]}
 FFN_VARIANTS = {"mlp": [{"activation": "leaky_relu2", "mult": 3.0}]}
 LINEAR_VARIANTS = {"seeded": [{"keep": 0.5, "factors": "uint8"}]}
 
@@ -53,6 +55,24 @@ STACKS = {
         "blocks": {"default": {"share": "mixer", "lora_rank": 2}, "mlp_only": {"mixer": {"kind": "none"}}}},
     "zamba-like": {"n_layers": 4, "mixer": {"kind": "mamba2"}, "ffn": {"kind": "none"}, "pattern": ["default", "attn"],
                    "blocks": {"attn": SHARED_ATTENTION_BLOCK}},
+    # The seed's hourglass, two levels deep: a token layer, compression of groups of 3 into 2 latents by a
+    # group encoder, local and global latent layers (a nested stage, multi-channel attention, a latent
+    # Mamba-2), Denseformer inside and out, attention upsampling, and a token layer. (Not the latent loss:
+    # it is a training loss on later groups, outside the logits these tests read; test_hourglass.py.)
+    "hourglass-two-levels": {
+        "n_layers": 3, "pattern": ["default", "valley", "default"], "denseformer": {"dilation": 2},
+        "blocks": {
+            "valley": {"mixer": {"kind": "hourglass", "group": 3, "latents": 2, "compress": "last",
+                                 "compress_plan": ["default"], "upsample": "attention",
+                                 "inner": ["local", "nested", "channels", "latent_ssm"], "denseformer": {"dilation": 1}},
+                       "ffn": {"kind": "none"}},
+            "local": {"scope": "local"},
+            "nested": {"mixer": {"kind": "hourglass", "group": 2, "inner": ["transformer"]}, "ffn": {"kind": "none"}},
+            "channels": {"mixer": {"kind": "multichannel", "channels": 2}, "ffn": {"kind": "none"}},
+            "latent_ssm": {"mixer": {"kind": "mamba2"}, "ffn": {"kind": "none"}}}},
+    "hourglass-shared-latent-block": {
+        "n_layers": 1, "mixer": {"kind": "hourglass", "inner": ["latent*3"]}, "ffn": {"kind": "none"},
+        "blocks": {"latent": {"mixer": ATTENTION, "ffn": {"kind": "mlp"}, "share": "block", "lora_rank": 2}}},
 }
 
 

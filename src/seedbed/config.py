@@ -22,6 +22,10 @@ from seedbed.registry import build_dataclass, require
 
 SHARES = ("none", "ffn", "mixer", "block")
 BLOCK_INPUTS = ("hidden", "hidden+embedding")
+SCOPES = ("global", "local")
+# A block every plan may name without defining it: attention + MLP at the model's linear and norm
+# kinds (what an hourglass's inner plan runs unless told otherwise). ``blocks.transformer`` overrides it.
+BUILTIN_BLOCKS = {"transformer": {"mixer": {"kind": "attention"}, "ffn": {"kind": "mlp"}}}
 
 
 @dataclass
@@ -39,11 +43,14 @@ class BlockConfig:
     use_scale: bool = False  # per-use learned gains on the mixer's and the feed-forward's outputs
     depth_embedding: bool = False  # per-use learned vector added to the residual stream first (Universal Transformer)
     input: str = "hidden"  # hidden | hidden+embedding: the mixer reads W [norm(h); norm(embedding)] (Zamba)
+    # global | local: inside an hourglass, a local block runs over the latents of one group at a time.
+    scope: str = "global"
 
     def check(self, where: str) -> None:
         require(self.share in SHARES, f"{where}.share must be one of {', '.join(SHARES)}, got {self.share!r}")
         require(self.input in BLOCK_INPUTS,
                 f"{where}.input must be one of {', '.join(BLOCK_INPUTS)}, got {self.input!r}")
+        require(self.scope in SCOPES, f"{where}.scope must be one of {', '.join(SCOPES)}, got {self.scope!r}")
         require(self.lora_rank >= 0, f"{where}.lora_rank must be >= 0, got {self.lora_rank}")
         require(self.lora_rank == 0 or self.share != "none",
                 f"{where}.lora_rank adapts shared parameters: set {where}.share too")
@@ -74,6 +81,9 @@ class ModelConfig:
     blocks: dict[str, dict[str, Any]] = field(default_factory=dict)
     pattern: list[str] = field(default_factory=list)
     depths: dict[str, str] = field(default_factory=dict)
+    # Denseformer depth-weighted averages over the stack's depths (model/denseformer.py):
+    # {dilation = 1, period = 1}; dilation 0 (the default, {}) turns them off.
+    denseformer: dict[str, Any] = field(default_factory=dict)
 
     def check(self, where: str) -> None:
         for name in ("vocab_size", "d_model", "n_layers", "max_seq_len"):
@@ -83,39 +93,59 @@ class ModelConfig:
             require(isinstance(spec, dict), f"{where}.blocks.{name} must be a table")
             build_dataclass(BlockConfig, spec, f"{where}.blocks.{name}")
         self.layer_plan(where)
+        denseformer_options(self.denseformer, f"{where}.denseformer")
         require(self.logit_softcap >= 0, f"{where}.logit_softcap must be >= 0")
         require(self.embed_init_std > 0, f"{where}.embed_init_std must be positive")
 
-    def layer_plan(self, where: str = "model") -> list[str]:
-        """The block name at every depth, from ``pattern`` and ``depths``."""
-        known = set(self.blocks) | {"default"}
+    def known_block(self, name: str, key: str) -> str:
+        known = set(self.blocks) | {"default"} | set(BUILTIN_BLOCKS)
+        require(name in known, f"{key}: unknown block {name!r} (known: {', '.join(sorted(known))})")
+        return name
 
-        def known_name(name: str, key: str) -> str:
-            require(name in known, f"{where}.{key}: unknown block {name!r} (known: {', '.join(sorted(known))})")
-            return name
-
-        cycle = []
-        for item in self.pattern:
+    def expand_pattern(self, items: list[str], key: str) -> list[str]:
+        """Block names from a pattern: each item a name, or name*count for count in a row."""
+        names = []
+        for item in items:
             name, _, count = item.partition("*")
             require(count == "" or (count.isdigit() and int(count) > 0),
-                    f"{where}.pattern: {item!r} must be a block name or name*count")
-            cycle += [known_name(name.strip(), "pattern")] * (int(count) if count else 1)
+                    f"{key}: {item!r} must be a block name or name*count")
+            names += [self.known_block(name.strip(), key)] * (int(count) if count else 1)
+        return names
+
+    def layer_plan(self, where: str = "model") -> list[str]:
+        """The block name at every depth, from ``pattern`` and ``depths``."""
+        cycle = self.expand_pattern(self.pattern, f"{where}.pattern")
         require(not cycle or self.n_layers % len(cycle) == 0,
                 f"{where}.pattern covers {len(cycle)} layers, which does not divide n_layers={self.n_layers}")
         plan = (cycle or ["default"]) * (self.n_layers // max(1, len(cycle)))
         for depth, name in self.depths.items():
             require(str(depth).isdigit() and int(depth) < self.n_layers,
                     f"{where}.depths: {depth!r} is not a depth in 0..{self.n_layers - 1}")
-            plan[int(depth)] = known_name(name, f"depths.{depth}")
+            plan[int(depth)] = self.known_block(name, f"{where}.depths.{depth}")
         return plan
 
     def block(self, name: str) -> BlockConfig:
         """The named block with every unset part filled from the model's defaults."""
-        spec = build_dataclass(BlockConfig, self.blocks.get(name, {}), f"model.blocks.{name}")
+        values = self.blocks.get(name, BUILTIN_BLOCKS.get(name, {}))
+        spec = build_dataclass(BlockConfig, values, f"model.blocks.{name}")
         for part in ("mixer", "ffn", "linear", "norm"):
             if getattr(spec, part) is None:
                 setattr(spec, part, getattr(self, part))
         return spec
+
+
+@dataclass
+class DenseformerOptions:
+    dilation: int = 0  # average over depths i, i - dilation, i - 2 dilation, ...; 0: no averaging
+    period: int = 1  # average after every period-th depth only
+
+    def check(self, where: str) -> None:
+        require(self.dilation >= 0, f"{where}.dilation must be >= 0, got {self.dilation}")
+        require(self.period > 0, f"{where}.period must be positive, got {self.period}")
+
+
+def denseformer_options(values: dict[str, Any], where: str) -> DenseformerOptions:
+    return build_dataclass(DenseformerOptions, values, where)
 
 
 @dataclass

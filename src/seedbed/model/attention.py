@@ -93,8 +93,8 @@ class Attention(nn.Module):
         super().__init__()
         d_model, n_heads = ctx.d_model, options.n_heads
         n_kv = options.n_kv_heads or n_heads
-        require(d_model % n_heads == 0, f"model.mixer.n_heads={n_heads} does not divide model.d_model={d_model}")
-        require(n_heads % n_kv == 0, f"model.mixer.n_kv_heads={n_kv} does not divide model.mixer.n_heads={n_heads}")
+        require(d_model % n_heads == 0, f"{ctx.where}.n_heads={n_heads} does not divide model.d_model={d_model}")
+        require(n_heads % n_kv == 0, f"{ctx.where}.n_kv_heads={n_kv} does not divide {ctx.where}.n_heads={n_heads}")
         self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv, d_model // n_heads
         require(self.head_dim % 2 == 0, f"head size {self.head_dim} must be even for rotary positions")
         self.rope_base = options.rope_base

@@ -110,6 +110,9 @@ class BuildContext:
     norm_spec: dict[str, Any]
     lora_uses: int = 0  # building a module shared by this many depths, with a LoRA per use ...
     lora_rank: int = 0  # ... of this rank (0: no adapters)
+    model: Any = None  # the ModelConfig, for components that build inner stacks (an hourglass)
+    path: tuple[str, ...] = ()  # the blocks being built around this component, outermost first
+    where: str = "model"  # the component's config key, for its errors (model.blocks.NAME.mixer)
 
     def linear(self, in_features: int, out_features: int, zero_init: bool = False,
                spec: dict[str, Any] | None = None) -> nn.Module:

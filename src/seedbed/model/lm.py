@@ -12,15 +12,15 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 # Importing the component modules registers them.
-from seedbed.model import attention, bitlinear, kan, mamba2, mlp, modulo_experts, moe, retention, seeded  # noqa: F401
+from seedbed.model import (attention, bitlinear, hourglass, kan, mamba2, mlp, modulo_experts, moe,  # noqa: F401
+                           multichannel, retention, seeded)
 from seedbed.config import ModelConfig
 from seedbed.hardware import return_large_frees_to_the_system
 from seedbed.model.layers import BuildContext
 from seedbed.model.seeded import SeedCache
-from seedbed.model.stack import build_stack
+from seedbed.model.stack import Layer, SharedParts, build_denseformer, build_stack, run_stack
 from seedbed.registry import require
 
 
@@ -31,6 +31,9 @@ class LM(nn.Module):
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         nn.init.normal_(self.embed.weight, std=cfg.embed_init_std)
         self.shared, self.blocks = build_stack(cfg)
+        self.denseformer = build_denseformer(cfg.n_layers, cfg.denseformer, "model.denseformer")
+        # Every SharedParts, also those of an hourglass's inner stack; a plain list, not submodules.
+        self.shared_parts = [m for m in self.modules() if isinstance(m, SharedParts)]
         head_ctx = BuildContext(cfg.d_model, cfg.n_layers, cfg.n_layers, cfg.max_seq_len, cfg.linear, cfg.norm)
         self.final_norm = head_ctx.norm(cfg.d_model)
         # The output head stays dense whatever the linear kind: it is small and sensitive.
@@ -52,15 +55,11 @@ class LM(nn.Module):
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """Float32 logits (B, T, V) for next-token prediction at every position."""
-        for parts in self.shared.values():
+        for parts in self.shared_parts:
             parts.begin_forward()
         x = embedded = self.embed(tokens)
-        for block in self.blocks:
-            if self.cfg.stream_layers and torch.is_grad_enabled():
-                # Backward re-runs the block, regenerating its weights instead of keeping them.
-                x = checkpoint(block, x, embedded, tokens, use_reentrant=False)
-            else:
-                x = block(x, embedded, tokens)
+        checkpointing = self.cfg.stream_layers and torch.is_grad_enabled()
+        x, _ = run_stack(self.blocks, self.denseformer, x, embedded, tokens, checkpointing=checkpointing)
         return self.logits(x)
 
     def log_probs(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -80,10 +79,7 @@ class LM(nn.Module):
     def step(self, tokens: torch.Tensor, state: list) -> tuple[torch.Tensor, list]:
         """Extend the sequence by ``tokens`` (B, t); returns their logits (B, t, V)."""
         x = embedded = self.embed(tokens)
-        new_state = []
-        for block, block_state in zip(self.blocks, state):
-            x, block_state = block.step(x, embedded, tokens, block_state)
-            new_state.append(block_state)
+        x, new_state = run_stack(self.blocks, self.denseformer, x, embedded, tokens, states=state)
         return self.logits(x), new_state
 
     @torch.no_grad()
@@ -150,7 +146,7 @@ def effective_parameters(model: LM) -> int:
     """Parameters run per token: the virtual count, plus every shared part's again for each use
     after its first (its per-use adapters are counted once already)."""
     extra = 0
-    for parts in model.shared.values():
-        uses = sum(1 for layer in model.blocks if layer.shared is parts)
+    for parts in model.shared_parts:
+        uses = sum(1 for layer in model.modules() if isinstance(layer, Layer) and layer.shared is parts)
         extra += (uses - 1) * (virtual_parameters(parts) - parts.adapter_numel())
     return virtual_parameters(model) + extra

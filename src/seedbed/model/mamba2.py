@@ -166,11 +166,11 @@ class Mamba2(nn.Module):
     def __init__(self, options: Options, ctx: BuildContext):
         super().__init__()
         d_inner = options.expand * ctx.d_model
-        require(d_inner % options.head_dim == 0, f"model.mixer.head_dim={options.head_dim} does not divide "
+        require(d_inner % options.head_dim == 0, f"{ctx.where}.head_dim={options.head_dim} does not divide "
                 f"d_inner = expand * d_model = {d_inner}")
         n_heads = d_inner // options.head_dim
         require(n_heads % options.n_groups == 0,
-                f"model.mixer.n_groups={options.n_groups} does not divide the {n_heads} heads")
+                f"{ctx.where}.n_groups={options.n_groups} does not divide the {n_heads} heads")
         self.d_inner, self.n_heads, self.head_dim = d_inner, n_heads, options.head_dim
         self.n_groups, self.d_state, self.kernel = options.n_groups, options.d_state, options.conv_kernel
         self.form, self.chunk_size = options.form, options.chunk_size

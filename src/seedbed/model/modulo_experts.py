@@ -70,6 +70,7 @@ class SeededExperts(SeedCache):
 
 @FFNS.register("modulo-experts")
 class ModuloExperts(nn.Module):
+    needs_tokens = True  # routes by token id: it cannot run where there are no tokens (an hourglass's latents)
     @dataclass
     class Options:
         splits: list[int] = field(default_factory=lambda: [2, 3, 5, 7])

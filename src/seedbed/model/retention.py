@@ -164,12 +164,12 @@ class Retention(nn.Module):
     def __init__(self, options: Options, ctx: BuildContext):
         super().__init__()
         d_model, n_heads = ctx.d_model, options.n_heads
-        require(d_model % n_heads == 0, f"model.mixer.n_heads={n_heads} does not divide model.d_model={d_model}")
+        require(d_model % n_heads == 0, f"{ctx.where}.n_heads={n_heads} does not divide model.d_model={d_model}")
         self.n_heads, self.key_dim = n_heads, d_model // n_heads
         require(self.key_dim % 2 == 0, f"head size {self.key_dim} must be even for rotary positions")
         value_dim = options.value_factor * self.key_dim
         require(value_dim == int(value_dim),
-                f"model.mixer.value_factor={options.value_factor} times head size {self.key_dim} is not a whole number")
+                f"{ctx.where}.value_factor={options.value_factor} times head size {self.key_dim} is not a whole number")
         self.value_dim = int(value_dim)
         self.form, self.chunk_size, self.rope_base = options.form, options.chunk_size, options.rope_base
         # Plain floats, not a buffer: casting the model to bf16 must not round log(gamma).

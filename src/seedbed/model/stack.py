@@ -28,23 +28,26 @@ use, and the shared parameters nothing extra.
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
-from seedbed.config import BlockConfig, ModelConfig
+from seedbed.config import BlockConfig, ModelConfig, denseformer_options
+from seedbed.model.denseformer import DepthWeightedAverage
 from seedbed.model.layers import BuildContext, PerUseLoRA
 from seedbed.model.moe import MoE
 from seedbed.perf import Flops
-from seedbed.registry import FFNS, MIXERS
+from seedbed.registry import FFNS, MIXERS, require
 
 
 def build_part(registry, spec: dict, ctx: BuildContext, where: str) -> nn.Module | None:
     if spec.get("kind") == "none":
         return None
     entry, options = registry.options(spec, where)
-    return entry.cls(options, ctx)
+    return entry.cls(options, dataclasses.replace(ctx, where=where))
 
 
 class SharedParts(nn.Module):
@@ -82,9 +85,9 @@ class Layer(nn.Module):
     """One depth of the stack: its own norms (and gains, depth embedding), its own or shared parts."""
 
     def __init__(self, spec: BlockConfig, ctx: BuildContext, where: str, shared: SharedParts | None = None,
-                 use: int = 0):
+                 use: int = 0, local_group: int = 0):
         super().__init__()
-        d_model, self.use = ctx.d_model, use
+        d_model, self.use, self.local_group = ctx.d_model, use, local_group
         taken = shared.parts if shared is not None else set()
         # Shared parts are attributes, not submodules: their parameters are registered once,
         # under LM.shared, whatever the number of uses.
@@ -94,7 +97,13 @@ class Layer(nn.Module):
                 object.__setattr__(self, name, getattr(shared, name))
             else:
                 setattr(self, name, build_part(registry, getattr(spec, name), ctx, f"{where}.{name}"))
-        self.mixer_norm = ctx.norm(d_model) if self.mixer is not None else None
+        # A mixer that is a whole block of its own (multi-channel attention: per-channel attention,
+        # residual and MLP) reads the raw residual stream and normalises inside itself.
+        self.reads_residual = getattr(self.mixer, "reads_residual", False)
+        require(not (self.reads_residual and spec.input != "hidden"),
+                f"{where}.input: the {spec.mixer['kind']} mixer reads the residual stream itself; "
+                f"it cannot take input = {spec.input!r}")
+        self.mixer_norm = ctx.norm(d_model) if self.mixer is not None and not self.reads_residual else None
         self.ffn_norm = ctx.norm(d_model) if self.ffn is not None else None
         if spec.input == "hidden+embedding" and self.mixer is not None:
             self.embedding_norm = ctx.norm(d_model)
@@ -109,6 +118,8 @@ class Layer(nn.Module):
         self.ffn_gain = nn.Parameter(torch.ones(d_model)) if spec.use_scale and self.ffn is not None else None
 
     def mixer_input(self, h: torch.Tensor, embedded: torch.Tensor) -> torch.Tensor:
+        if self.reads_residual:
+            return h
         u = self.mixer_norm(h)
         if self.input_proj is None:
             return u
@@ -122,6 +133,17 @@ class Layer(nn.Module):
 
     def run(self, h: torch.Tensor, embedded: torch.Tensor, tokens: torch.Tensor, state,
             stepping: bool = False) -> tuple[torch.Tensor, object]:
+        if self.local_group:
+            # Each group's latents alone, as a batch of short sequences: no state crosses groups,
+            # and a decoding step always brings whole groups.
+            batch, length, d_model = h.shape
+            grouped = (batch * length // self.local_group, self.local_group, d_model)
+            out = self.run_global(h.reshape(grouped), embedded.reshape(grouped), None, None)[0]
+            return out.reshape(batch, length, d_model), state
+        return self.run_global(h, embedded, tokens, state, stepping)
+
+    def run_global(self, h: torch.Tensor, embedded: torch.Tensor, tokens: torch.Tensor | None, state,
+                   stepping: bool = False) -> tuple[torch.Tensor, object]:
         if self.shared is not None:
             self.shared.select(self.use)
         if self.depth_embedding is not None:
@@ -139,9 +161,13 @@ class Layer(nn.Module):
         return h, state
 
     def init_state(self, batch: int, max_len: int, device: torch.device, dtype: torch.dtype):
-        return None if self.mixer is None else self.mixer.init_state(batch, max_len, device, dtype)
+        if self.mixer is None or self.local_group:
+            return None
+        return self.mixer.init_state(batch, max_len, device, dtype)
 
     def flops(self, batch: int, context: int) -> Flops:
+        if self.local_group:
+            batch, context = batch * context // self.local_group, self.local_group
         total = Flops()
         for part in (self.mixer, self.ffn):
             if part is not None:
@@ -151,16 +177,27 @@ class Layer(nn.Module):
         return total
 
 
-def build_stack(cfg: ModelConfig) -> tuple[nn.ModuleDict, nn.ModuleList]:
-    """The shared parts (by block name) and one Layer per depth, following ``cfg.layer_plan()``."""
-    plan = cfg.layer_plan()
+def build_stack(cfg: ModelConfig, plan: list[str] | None = None, max_seq_len: int = 0, path: tuple[str, ...] = (),
+                group: int = 0) -> tuple[nn.ModuleDict, nn.ModuleList]:
+    """The shared parts (by block name) and one Layer per depth of ``plan`` (``cfg.layer_plan()``
+    for the model's own stack). An hourglass builds its inner plan here too: ``path`` names the
+    blocks it sits in (a block may not contain itself), ``group`` is its latents per group (local
+    blocks run over one group at a time) and its layers see no token ids."""
+    plan = cfg.layer_plan() if plan is None else plan
     uses = Counter(plan)
     specs = {name: cfg.block(name) for name in uses}
+    for name, spec in specs.items():
+        require(name not in path, f"model.blocks.{name}: an hourglass cannot contain itself "
+                                  f"({' -> '.join(path + (name,))})")
+        require(spec.scope == "global" or group,
+                f"model.blocks.{name}.scope = 'local' runs over the latents of one group: "
+                f"name it only in an hourglass's inner plan")
 
     def context(name: str, depth: int, shared: bool = False) -> BuildContext:
         spec = specs[name]
-        return BuildContext(cfg.d_model, cfg.n_layers, depth, cfg.max_seq_len, spec.linear, spec.norm,
-                            lora_uses=uses[name] if shared else 0, lora_rank=spec.lora_rank if shared else 0)
+        return BuildContext(cfg.d_model, len(plan), depth, max_seq_len or cfg.max_seq_len, spec.linear, spec.norm,
+                            lora_uses=uses[name] if shared else 0, lora_rank=spec.lora_rank if shared else 0,
+                            model=cfg, path=path + (name,))
 
     def where(name: str) -> str:
         return "model" if name == "default" and name not in cfg.blocks else f"model.blocks.{name}"
@@ -170,8 +207,38 @@ def build_stack(cfg: ModelConfig) -> tuple[nn.ModuleDict, nn.ModuleList]:
         for name in sorted(uses) if specs[name].share != "none"})
     layers, seen = [], Counter()
     for depth, name in enumerate(plan):
-        layers.append(Layer(specs[name], context(name, depth), where(name), shared[name] if name in shared else None,
-                            use=seen[name]))
+        layer = Layer(specs[name], context(name, depth), where(name), shared[name] if name in shared else None,
+                      use=seen[name], local_group=group if specs[name].scope == "local" else 0)
+        require(not (path and getattr(layer.ffn, "needs_tokens", False)),
+                f"{where(name)}.ffn: {specs[name].ffn['kind']} routes by token id, and an hourglass's "
+                f"latents have none")
+        layers.append(layer)
         seen[name] += 1
     return shared, nn.ModuleList(layers)
 
+
+def build_denseformer(n_layers: int, values: dict, where: str) -> DepthWeightedAverage | None:
+    options = denseformer_options(values, where)
+    return DepthWeightedAverage(n_layers, options) if options.dilation else None
+
+
+def run_stack(layers: nn.ModuleList, denseformer: DepthWeightedAverage | None, h: torch.Tensor,
+              embedded: torch.Tensor, tokens: torch.Tensor | None, states: list | None = None,
+              checkpointing: bool = False) -> tuple[torch.Tensor, list | None]:
+    """h through every layer, in parallel (``states`` None) or extending each layer's decode state,
+    replacing h after each depth by its Denseformer average when there is one."""
+    history = [h] if denseformer is not None else None
+    new_states = None if states is None else []
+    for depth, layer in enumerate(layers):
+        if states is not None:
+            h, state = layer.step(h, embedded, tokens, states[depth])
+            new_states.append(state)
+        elif checkpointing:
+            # Backward re-runs the layer, regenerating its weights instead of keeping them.
+            h = checkpoint(layer, h, embedded, tokens, use_reentrant=False)
+        else:
+            h = layer(h, embedded, tokens)
+        if history is not None:
+            history.append(h)
+            h = denseformer(depth + 1, history)
+    return h, new_states

@@ -66,7 +66,9 @@ class Muon(torch.optim.Optimizer):
 
 
 def is_hidden_matrix(name: str, param: nn.Parameter) -> bool:
-    return param.ndim == 2 and name.startswith(("blocks.", "shared."))
+    """A weight matrix inside the stack; tables of learned vectors (names ending in "embedding":
+    an hourglass's latent queries and group positions) train with AdamW, as the token embedding does."""
+    return param.ndim == 2 and name.startswith(("blocks.", "shared.")) and not name.endswith("embedding")
 
 
 def build_optimizers(model: nn.Module, cfg: TrainConfig) -> list[torch.optim.Optimizer]:
