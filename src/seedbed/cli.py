@@ -107,9 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("presets", help="list the built-in presets")
 
     bench = commands.add_parser("bench", help="benchmarks that write a table to BENCHMARKS.md")
-    bench.add_argument("suite", choices=("train", "codec", "seeds", "mixkabrn", "hybrid"))
+    bench.add_argument("suite", choices=("train", "codec", "seeds", "mixkabrn", "hybrid", "hourglass"))
     bench.add_argument("--minutes", type=positive_float, default=10.0,
-                       help="train: budget for the bpb row; seeds, mixkabrn, hybrid: training budget of every model")
+                       help="train: budget for the bpb row; seeds, mixkabrn, hybrid, hourglass: training budget "
+                            "of every model")
     bench.add_argument("--artifact", help="codec: the packed model to compress with")
     bench.add_argument("--variant", action="append", metavar="'NAME: key=value ...'",
                        help="train: a variant of the default preset to time and train beside the others (repeat)")
@@ -302,6 +303,7 @@ def cmd_presets(args: argparse.Namespace) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
+    from seedbed.bench.hourglass import bench_hourglass
     from seedbed.bench.hybrid import bench_hybrid
     from seedbed.bench.models import bench_mixkabrn, bench_seeds
     from seedbed.bench.train import bench_codec, bench_train
@@ -314,6 +316,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
         bench_mixkabrn(args.minutes, Path(args.output))
     elif args.suite == "hybrid":
         bench_hybrid(args.minutes, Path(args.output))
+    elif args.suite == "hourglass":
+        bench_hourglass(args.minutes, Path(args.output))
     elif not args.artifact or not Path(args.artifact).is_file():
         raise UserError("bench codec needs --artifact FILE (make one with seedbed pack RUN)")
     else:

@@ -32,6 +32,7 @@ from seedbed.hardware import describe_machine
 from seedbed.model import LM, count_parameters, effective_parameters, virtual_parameters
 from seedbed.pack.artifact import QuantRule
 from seedbed.pack.pack import load_artifact, pack_model
+from seedbed.perf import training_flops_per_token
 from seedbed.runs import load
 
 
@@ -52,6 +53,18 @@ class ModelRow:
     seed_search: tuple[int, int] = (0, 0)  # (accepted, rounds) of the gradient-free seed search, if it ran
     effective_params: int = 0  # shared parts counted once per use
     long_context_bpb: float | None = None  # the packed artifact, val split, at long_context_factor x its context
+    train_flops_per_token: float = 0.0  # counted (perf.training_flops_per_token) at the training context
+
+
+def state_bytes(state) -> int:
+    """Bytes of the tensors in a decode state, however its layers nest them (lists, dicts)."""
+    if isinstance(state, torch.Tensor):
+        return state.nbytes
+    if isinstance(state, dict):
+        return sum(state_bytes(value) for value in state.values())
+    if isinstance(state, (list, tuple)):
+        return sum(state_bytes(value) for value in state)
+    return 0
 
 
 def decode_speed(model: LM, context: int, steps: int = 32) -> tuple[float, int]:
@@ -66,9 +79,7 @@ def decode_speed(model: LM, context: int, steps: int = 32) -> tuple[float, int]:
             start = time.perf_counter()
             _, state = model.step(token, state)
             times.append(time.perf_counter() - start)
-    state_bytes = sum(t.nbytes for layer in state for t in
-                      (layer.values() if isinstance(layer, dict) else [layer]) if isinstance(t, torch.Tensor))
-    return 1 / statistics.median(times), state_bytes
+    return 1 / statistics.median(times), state_bytes(state)
 
 
 def in_fresh_process(function, *args):
@@ -110,7 +121,8 @@ def _train_and_pack(label: str, preset: str, overrides: list[str], minutes: floa
         queue.put(ModelRow(label, result.val_bpb, packed_bpb, packed.size, count_parameters(loaded.model),
                            virtual_parameters(loaded.model), result.tokens_per_second, result.steps, result.tokens,
                            rss, decode, (sum(record["accepted"] for record in rounds), len(rounds)),
-                           effective_parameters(loaded.model), long_bpb))
+                           effective_parameters(loaded.model), long_bpb,
+                           training_flops_per_token(loaded.model, cfg.model.max_seq_len)))
     except BaseException as error:  # noqa: BLE001 - handed to the parent, which re-raises it
         queue.put(RuntimeError(f"[{label}] {type(error).__name__}: {error}"))
 
