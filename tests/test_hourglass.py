@@ -179,3 +179,39 @@ def test_the_parameter_names_say_where_each_part_sits():
 def test_bad_hourglass_configs_are_one_line_errors(model, message):
     with pytest.raises(UserError, match=message):
         LM(config_from_dict({"model": model}).model)
+
+
+# The preset at width 32 with a shorter latent stack: every kind of part kept (byte layers, group
+# encoder, local, global and multi-channel latent blocks, Denseformer, attention upsampling).
+SHALLOW_HOURGLASS = ["model.d_model=32", 'model.blocks.valley.mixer.inner=["local", "latent", "default"]',
+                     "train.batch_size=4", "train.eval_stride=128", "train.threads=1"]
+
+
+def test_the_hourglass_preset_trains_packs_and_compresses_byte_exactly(tmp_path):
+    """Through the CLI on the real corpus: the run learns (its artifact beats the untrained model on
+    held-out text), the fp32 artifact scores exactly what the run scores, and the int8 artifact
+    compresses and decompresses byte-exactly at the bpb it evaluates to."""
+    from test_train import seedbed
+
+    from seedbed.codec import artifact_digest, compress_bytes, decompress_bytes
+    from seedbed.loaded import LoadedModel
+    from seedbed.pack.artifact import QuantRule
+    from seedbed.pack.pack import load_artifact, pack_model
+    from seedbed.runs import load
+
+    run = tmp_path / "run"
+    out = seedbed("train", "--preset", "hourglass", "--steps", "25", "--out", str(run), "--no-progress",
+                  *SHALLOW_HOURGLASS)
+    assert out.returncode == 0, out.stderr
+    loaded = load(run)
+    text = (b"HAMLET. To be, or not to be, that is the question:\nWhether 'tis nobler in the mind to suffer\n"
+            b"The slings and arrows of outrageous fortune,\n") * 12
+    exact = load_artifact(pack_model(loaded, tmp_path / "fp32.seedbed", QuantRule.parse("fp32")).path)
+    assert exact.evaluate(text).bpb == loaded.evaluate(text).bpb
+    untrained = LoadedModel(LM(loaded.model.cfg).eval(), loaded.config, loaded.tokenizer, run)
+    assert loaded.evaluate(text).bpb < untrained.evaluate(text).bpb - 1.0
+    path = pack_model(load(run), tmp_path / "int8.seedbed", QuantRule.parse("int8")).path
+    artifact, digest = load_artifact(path), artifact_digest(path)
+    blob, stats = compress_bytes(artifact, digest, text)
+    assert decompress_bytes(artifact, digest, blob)[0] == text
+    assert abs(stats.bpb / artifact.evaluate(text).bpb - 1) < 0.01

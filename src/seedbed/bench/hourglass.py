@@ -1,9 +1,9 @@
 """``seedbed bench hourglass``: efficient_transformer_v1's hypotheses at equal wall-clock.
 
-The flat gpt preset beside the ``hourglass`` preset taken apart: its group compression and
-upsampling each way, then multi-channel latent blocks (three merges), then Denseformer
-averages (the preset itself), and one channel over a twice longer latent sequence (does
-a second channel beat a longer sequence?). Every row trains for the same minutes on the
+The flat gpt preset beside the ``hourglass`` preset taken apart: the perceiver compression
+with each upsampling, then the group encoder's last K outputs, then multi-channel latent
+blocks (three merges), then Denseformer averages (the preset itself), and one channel over
+a twice longer latent sequence (does a second channel beat a longer sequence?). Every row trains for the same minutes on the
 default corpus in a fresh process (``bench.models.train_and_pack``) and is packed with the
 default int8 rule; bpb, decode speed and state are the packed artifact's.
 """
@@ -21,10 +21,11 @@ from seedbed.hardware import describe_machine
 VALLEY = "model.blocks.valley.mixer"
 ONE_CHANNEL = ['model.blocks.latent.mixer={kind="attention", n_heads=2}', 'model.blocks.latent.ffn={kind="mlp"}']
 NO_DENSEFORMER = [f"{VALLEY}.denseformer={{}}"]
-PERCEIVER_REPLICATE = [f"{VALLEY}.compress=perceiver", f"{VALLEY}.upsample=replicate"]
-ROWS = [  # (label, preset, overrides)
+PERCEIVER, REPLICATE = [f"{VALLEY}.compress=perceiver"], [f"{VALLEY}.upsample=replicate"]
+ROWS = [  # (label, preset, overrides): one change from the row above, but for the first hourglass
     ("gpt (flat)", "gpt", []),
-    ("hourglass: perceiver, replicate", "hourglass", PERCEIVER_REPLICATE + ONE_CHANNEL + NO_DENSEFORMER),
+    ("hourglass: perceiver, replicate", "hourglass", PERCEIVER + REPLICATE + ONE_CHANNEL + NO_DENSEFORMER),
+    ("hourglass: perceiver, attention up", "hourglass", PERCEIVER + ONE_CHANNEL + NO_DENSEFORMER),
     ("hourglass: last-K, attention up", "hourglass", ONE_CHANNEL + NO_DENSEFORMER),
     ("+ multi-channel (softmax merge)", "hourglass", NO_DENSEFORMER),
     ("+ multi-channel, mean merge", "hourglass", NO_DENSEFORMER + ["model.blocks.latent.mixer.merge=mean"]),

@@ -36,11 +36,13 @@ Which positions y_t reads (t = jk + r; tests/test_hourglass.py checks these sets
 through autograd): u_0 .. u_jk, the groups completed by t, and with attention upsampling u_t
 too (its query); replicating latent slot a of a "last" compression, whose causal group
 encoder has read only the group's first k - K + 1 + a positions, reads u_0 .. u_{jk-K+1+a}.
-Never a position after t. The block's residual path gives y_t's own stream u_{jk+1} .. u_t.
+Never a position after t. The rest of t's own group, u_{jk+1} .. u_t, reaches t only through
+the residual stream h_t (the layers before this one).
 
 Latent loss (optional, training only): ``latent_loss`` x the mean squared error between
 P z_j and the next group's compressed latents c_{j+1} (no gradient into the target), both
-RMS-normalised: each group's latents learn to predict the next group (Mirasol).
+RMS-normalised: each group's latents learn to predict the next group (the seed's optional
+latent loss, after Mirasol).
 
 Decoding keeps one state per stage: the last k-1 inputs (the front of the next group), the
 position, the latest group's z (it feeds positions until the next group completes), the
