@@ -74,6 +74,13 @@ def fast_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offset: in
     return F.scaled_dot_product_attention(q, k, v, attn_mask=k_pos <= q_pos, **gqa)
 
 
+def attention_flops(queries: int, keys: int, head_dim: int, fused: bool = True) -> Flops:
+    """softmax(Q K^T) V of one head, over every query-key pair (masks are not discounted); through
+    SDPA (``fused``), whose backward recomputes Q K^T, the backward costs 2.5x the forward."""
+    total = matmul_flops(queries, head_dim, keys) + matmul_flops(queries, keys, head_dim)
+    return total + Flops(backward=2 * queries * head_dim * keys) if fused else total
+
+
 @MIXERS.register("attention")
 class Attention(nn.Module):
     @dataclass
@@ -132,9 +139,7 @@ class Attention(nn.Module):
         """
         tokens = batch * context
         projections = self.q.flops(tokens) + self.k.flops(tokens) + self.v.flops(tokens) + self.out.flops(tokens)
-        per_head = matmul_flops(context, self.head_dim, context) + matmul_flops(context, context, self.head_dim)
-        if self.attend is fast_attention:
-            per_head += Flops(backward=2 * context * self.head_dim * context)
+        per_head = attention_flops(context, context, self.head_dim, fused=self.attend is fast_attention)
         return projections + batch * self.n_heads * per_head
 
     def init_state(self, batch: int, max_len: int, device: torch.device, dtype: torch.dtype) -> dict:

@@ -63,20 +63,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from seedbed.model.attention import apply_rotary, rotary_tables
+from seedbed.model.attention import apply_rotary, attention_flops, rotary_tables
 from seedbed.model.layers import BuildContext
 from seedbed.model.stack import build_denseformer, build_stack, run_stack
-from seedbed.perf import Flops, matmul_flops
+from seedbed.perf import Flops
 from seedbed.registry import MIXERS, require
 
 COMPRESSIONS = ("perceiver", "last")
 UPSAMPLINGS = ("replicate", "attention")
 
 
-def attention_flops(queries: int, keys: int, head_dim: int) -> Flops:
-    """softmax(Q K^T) V of one head through SDPA, whose fused backward recomputes Q K^T."""
-    return (matmul_flops(queries, head_dim, keys) + matmul_flops(queries, keys, head_dim)
-            + Flops(backward=2 * queries * head_dim * keys))
+def plain_attention(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T / sqrt(hd)) v in float32, every query reading every key: the reference loops'
+    step (one group's latents, one upsampled position)."""
+    scores = queries.float() @ keys.float().transpose(-1, -2) / math.sqrt(queries.shape[-1])
+    return (scores.softmax(-1) @ values.float()).to(keys.dtype)
 
 
 @MIXERS.register("hourglass")
@@ -166,19 +167,13 @@ class Hourglass(nn.Module):
         batch, n = groups.shape[:2]
         queries, keys, values = self.perceiver_inputs(groups)
         if self.reference:
-            mixed = torch.stack([self.perceiver_group(queries, keys[:, j], values[:, j]) for j in range(n)], 1)
+            mixed = torch.stack([plain_attention(queries, keys[:, j], values[:, j]) for j in range(n)], 1)
         else:
             queries = queries.expand(batch * n, *queries.shape)
             mixed = F.scaled_dot_product_attention(queries, keys.flatten(0, 1), values.flatten(0, 1))
             mixed = mixed.unflatten(0, (batch, n))
         mixed = mixed.transpose(-3, -2).flatten(-2)  # (B, n, K, d)
         return self.latent_query_embedding.to(groups.dtype) + self.compress_out(mixed)
-
-    @staticmethod
-    def perceiver_group(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-        """One group, the plain way: softmax(q k^T / sqrt(hd)) v in float32; keys (B, H, k, hd)."""
-        scores = queries.float() @ keys.float().transpose(-1, -2) / math.sqrt(queries.shape[-1])
-        return (scores.softmax(-1) @ values.float()).to(keys.dtype)
 
     def last_outputs(self, groups: torch.Tensor) -> torch.Tensor:
         batch, n, k, d = groups.shape
@@ -213,7 +208,7 @@ class Hourglass(nn.Module):
             rows = []
             for t in range(u.shape[1]):
                 seen = visible[t].nonzero()[:, 0]
-                rows.append(self.perceiver_group(queries[:, :, t:t + 1], keys[:, :, seen], values[:, :, seen]))
+                rows.append(plain_attention(queries[:, :, t:t + 1], keys[:, :, seen], values[:, :, seen]))
             mixed = torch.cat(rows, 2)
         else:
             mixed = F.scaled_dot_product_attention(queries, keys, values, attn_mask=visible)
@@ -266,7 +261,7 @@ class Hourglass(nn.Module):
         base = self.replicate(known, positions // k - first + 1, positions % k)
         if self.upsampling == "attention":
             keys, values = self.latent_keys(known[:, 1:], state, stepping)
-            base = self.attend_latents(u, base, keys, values, self.visible(positions, first, state, stepping))
+            base = self.attend_latents(u, base, keys, values, self.visible(positions, keys.shape[2]))
         state["pos"] = pos + length
         state["tail"] = full[:, full.shape[1] - (k - 1):]
         state["latest"] = known[:, -1]
@@ -285,11 +280,10 @@ class Hourglass(nn.Module):
         state["count"] = count = count + keys.shape[2]
         return state["keys"][:, :, :count].to(keys.dtype), state["values"][:, :, :count].to(keys.dtype)
 
-    def visible(self, positions: torch.Tensor, first: int, state: dict, stepping: bool) -> torch.Tensor:
-        """(T, M): latent m (of group m // K, counted from group 0 when decoding, from ``first``
-        in parallel, where first is 0) is visible to position t when its group is <= t // k."""
-        count = state["count"] if stepping else (positions[-1] // self.group + 1 - first) * self.latents
-        groups = torch.arange(int(count), device=positions.device) // self.latents
+    def visible(self, positions: torch.Tensor, count: int) -> torch.Tensor:
+        """(T, M): of the ``count`` latents from group 0 on, latent m (group m // K) is visible to
+        position t when its group is <= t // k."""
+        groups = torch.arange(count, device=positions.device) // self.latents
         return groups[None, :] <= (positions // self.group)[:, None]
 
     def latent_loss(self, z: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
