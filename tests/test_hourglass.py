@@ -140,6 +140,20 @@ def test_the_latent_loss_joins_the_training_loss_of_the_model():
     assert model.eval().loss(tokens[:, :-1], tokens[:, 1:]) == plain.detach()
 
 
+def test_a_stage_shared_by_two_depths_adds_up_the_latent_loss_of_both_uses():
+    from test_stack import unshared_copy
+
+    shared = small_model(mixer={"kind": "hourglass", "latent_loss": 0.5}, ffn={"kind": "none"}, n_layers=2,
+                         blocks={"default": {"share": "mixer"}}).train()
+    copy = unshared_copy(shared).train()
+    tokens = torch.randint(0, 61, (2, 20), generator=torch.Generator().manual_seed(0))
+    shared(tokens)
+    shared(tokens)  # a second forward starts a new sum
+    copy(tokens)
+    assert all(copy.blocks[d].mixer.aux_loss > 0 for d in range(2))
+    torch.testing.assert_close(moe.auxiliary_loss(shared), moe.auxiliary_loss(copy))
+
+
 def test_a_new_stage_is_the_identity_and_learns():
     """W_out starts at zero: an untrained hourglass layer adds nothing, and one step moves it."""
     torch.manual_seed(0)

@@ -65,6 +65,7 @@ from torch import nn
 
 from seedbed.model.attention import apply_rotary, attention_flops, rotary_tables
 from seedbed.model.layers import BuildContext
+from seedbed.model.moe import record_aux_loss
 from seedbed.model.stack import build_denseformer, build_stack, run_stack
 from seedbed.perf import Flops
 from seedbed.registry import MIXERS, require
@@ -121,6 +122,7 @@ class Hourglass(nn.Module):
         self.compression, self.upsampling, self.reference = options.compress, options.upsample, options.reference
         self.latent_loss_weight = options.latent_loss
         self.aux_loss = None
+        self.sums_over_calls = False  # set by the stack when several depths share this stage
         self.group_position_embedding = nn.Parameter(torch.randn(options.group, d_model) * 0.02)
         if options.compress == "perceiver":
             self.latent_query_embedding = nn.Parameter(torch.randn(options.latents, d_model) * 0.02)
@@ -246,7 +248,8 @@ class Hourglass(nn.Module):
         first, last = -(-pos // k), (pos + length - 1) // k  # the groups completed by this call
         n = last - first + 1
         known = state["latest"].to(u.dtype)[:, None]  # group first - 1, then the new groups
-        self.aux_loss = None
+        if not self.sums_over_calls:
+            self.aux_loss = None
         if n > 0:
             start = first * k - pos  # index in full of group first's first position, first k - k + 1
             latents = self.compress(full[:, start:start + n * k].reshape(batch, n, k, d_model))
@@ -255,7 +258,7 @@ class Hourglass(nn.Module):
                                           states=state["inner"] if stepping else None)
             z = self.latent_norm(z)
             if self.predictor is not None and self.training and not stepping and n > 1:
-                self.aux_loss = self.latent_loss(z.view(batch, n, n_latents, d_model), latents)
+                record_aux_loss(self, self.latent_loss(z.view(batch, n, n_latents, d_model), latents))
             known = torch.cat([known, z.view(batch, n, n_latents, d_model)], 1)
         positions = torch.arange(pos, pos + length, device=u.device)
         base = self.replicate(known, positions // k - first + 1, positions % k)

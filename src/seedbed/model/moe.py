@@ -197,9 +197,15 @@ class MoE(nn.Module):
         self.drop_fraction = 1 - kept.float().mean()
         if self.training:
             loss = self.balance_coef * self.n_routed * (load * probs.mean(0)).sum()
-            self.aux_loss = loss if self.aux_loss is None or not self.sums_over_calls else self.aux_loss + loss
+            record_aux_loss(self, loss)
         else:
             self.aux_loss = None
+
+
+def record_aux_loss(module: nn.Module, loss: torch.Tensor) -> None:
+    """Set this call's auxiliary loss on ``module``, or add it to the sum over the calls of one forward
+    when the layer stack shares the module between depths (``sums_over_calls``, reset by the stack)."""
+    module.aux_loss = loss if module.aux_loss is None or not module.sums_over_calls else module.aux_loss + loss
 
 
 def auxiliary_loss(model: nn.Module) -> torch.Tensor | float:

@@ -38,7 +38,6 @@ from torch.utils.checkpoint import checkpoint
 from seedbed.config import BlockConfig, ModelConfig, denseformer_options
 from seedbed.model.denseformer import DepthWeightedAverage
 from seedbed.model.layers import BuildContext, PerUseLoRA
-from seedbed.model.moe import MoE
 from seedbed.perf import Flops
 from seedbed.registry import FFNS, MIXERS, require
 
@@ -62,16 +61,18 @@ class SharedParts(nn.Module):
             self.ffn = build_part(FFNS, spec.ffn, ctx, f"{where}.ffn")
         if "input_proj" in self.parts and spec.input == "hidden+embedding":
             self.input_proj = ctx.linear(2 * ctx.d_model, ctx.d_model)
-        # Plain lists, not submodules: the adapters and mixtures are already registered where they sit.
+        # Plain lists, not submodules: the adapters and loss-setting modules are already registered
+        # where they sit. A module that sets an auxiliary loss per call (an MoE's balance loss, an
+        # hourglass's latent loss) sums it over the uses of one forward here (``moe.record_aux_loss``).
         self.adapters = [m for m in self.modules() if isinstance(m, PerUseLoRA)]
-        self.mixtures = [m for m in self.modules() if isinstance(m, MoE)]
-        for mixture in self.mixtures:
-            mixture.sums_over_calls = True
+        self.summing = [m for m in self.modules() if hasattr(m, "sums_over_calls")]
+        for module in self.summing:
+            module.sums_over_calls = True
 
     def begin_forward(self) -> None:
-        """Start a new sum of the shared mixtures' balance losses over this forward's uses."""
-        for mixture in self.mixtures:
-            mixture.aux_loss = None
+        """Start a new sum of the shared parts' auxiliary losses over this forward's uses."""
+        for module in self.summing:
+            module.aux_loss = None
 
     def select(self, use: int) -> None:
         for adapter in self.adapters:
