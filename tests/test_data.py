@@ -1,5 +1,6 @@
 import io
 import random
+import re
 import subprocess
 import tarfile
 from pathlib import Path
@@ -513,3 +514,91 @@ def test_shards_without_test_files_or_tokenizer(tmp_path):
         load_dataset(f"shards:{tmp_path}")
     with pytest.raises(UserError, match="does not exist"):
         load_dataset(f"shards:{tmp_path / 'missing'}")
+
+
+# --- modular:P -----------------------------------------------------------------------------
+
+
+def modular_lines(spec: str) -> list[list[bytes]]:
+    return [doc.data.splitlines() for doc in load_documents(spec)]
+
+
+def test_modular_corpus_holds_every_equation_once():
+    train, val, test = modular_lines("modular:11")
+    # round(0.5 * 121) = 60 train equations, each in every one of the train text's 16 orders; the rest halved.
+    assert (len(train), len(val), len(test)) == (60 * 16, 30, 31)
+    orders = [train[k * 60:(k + 1) * 60] for k in range(16)]
+    assert all(sorted(order) == sorted(orders[0]) for order in orders) and len(set(map(tuple, orders))) == 16
+    seen = set()
+    for line in orders[0] + val + test:
+        a, b, c = int(line[:2]), int(line[3:5]), int(line[6:])
+        assert line == f"{a:02d}+{b:02d}={c:02d}".encode() and c == (a + b) % 11
+        seen.add((a, b))
+    assert seen == {(a, b) for a in range(11) for b in range(11)}
+
+
+def test_modular_numbers_are_padded_to_the_width_of_p_minus_1():
+    assert all(re.fullmatch(rb"\d\+\d=\d", line) for part in modular_lines("modular:10") for line in part)
+    assert all(re.fullmatch(rb"\d{3}\+\d{3}=\d{3}", line) for part in modular_lines("modular:101") for line in part)
+    for spec, line_bytes in [("modular:2", 6), ("modular:10", 6), ("modular:11", 9), ("modular:97", 9), ("modular:101", 12)]:
+        data = b"".join(doc.data for doc in load_documents(spec))
+        assert {len(line) + 1 for line in data.splitlines()} == {line_bytes}, spec
+
+
+def test_modular_split_is_fixed_and_follows_the_fraction():
+    train, val, test = modular_lines("modular:97")
+    assert (len(train), len(val), len(test)) == (4704 * 16, 2352, 2353)
+    # Golden: the fixed hash orders, the same on every machine and in every version.
+    assert train[:3] == [b"28+84=15", b"04+90=94", b"81+53=37"] and val[:2] == [b"75+00=75", b"86+51=40"]
+    assert train[4704:4706] == [b"29+22=51", b"76+74=53"]
+    assert [len(part) for part in modular_lines("modular:97:0.3")] == [2823 * 16, 3293, 3293]
+    # A different fraction moves the cut, not the order.
+    assert modular_lines("modular:97:0.3")[0][:2823] == train[:2823]
+
+
+def test_a_large_modular_train_text_holds_fewer_orders():
+    from seedbed.data.modular import TRAIN_TEXT_BYTES, parse_modular, train_orders
+
+    assert train_orders(parse_modular("modular:97")) == 16
+    big = parse_modular("modular:1000")  # 500,000 train equations of 12 bytes
+    assert train_orders(big) == 1 and 500_000 * 12 > TRAIN_TEXT_BYTES / 2
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("modular:", "is not a modular spec"),
+    ("modular:abc", "the modulus P must be an integer, got 'abc'"),
+    ("modular:9.5", "the modulus P must be an integer"),
+    ("modular:1", "the modulus P must be in 2..1000, got 1"),
+    ("modular:-5", "the modulus P must be in 2..1000, got -5"),
+    ("modular:100000", "the modulus P must be in 2..1000, got 100000"),
+    ("modular:97:1.5", "the train fraction F must be in (0, 1), got 1.5"),
+    ("modular:97:half", "the train fraction F must be a number, got 'half'"),
+    ("modular:97:0.5:1", "is not a modular spec"),
+    ("modular:2:0.9", "leave a split empty"),
+])
+def test_bad_modular_specs_are_one_line_user_errors(spec, message):
+    with pytest.raises(UserError, match=re.escape(message)) as error:
+        load_dataset(spec)
+    assert "\n" not in str(error.value)
+
+
+def test_modular_dataset_marks_the_answer_tokens():
+    dataset = load_dataset("modular:97")
+    assert dataset.description.startswith("modular:97: 9,409 equations a+b=c mod 97 (9 bytes each; "
+                                          "train 4,704 in 16 orders / val 2,352 / test 2,353)")
+    for split in (dataset.train, dataset.val, dataset.test):
+        text = split.tokens.astype(np.uint8).tobytes()
+        assert split.n_bytes == len(text) and split.answers.shape == split.tokens.shape
+        for index, line in enumerate(text.splitlines()[:50]):
+            assert split.tokens[split.answers == index].astype(np.uint8).tobytes() == line[-2:]
+        assert (split.answers >= 0).sum() == 2 * len(text.splitlines())
+
+
+def test_answer_tokens_follow_subword_boundaries():
+    from seedbed.data.modular import Modular, answer_tokens
+
+    seven = Modular(7)  # lines "a+b=c\n": the answer is byte 4
+    assert answer_tokens(np.array([2, 2, 2, 2, 2, 2]), seven).tolist() == [-1, -1, 0, -1, -1, 1]  # "1+" "2=" "3\n"
+    assert answer_tokens(np.array([3, 2, 1]), seven).tolist() == [-1, 0, -1]  # "1+2" "=3" "\n"
+    assert answer_tokens(np.ones(12, dtype=np.int64), seven).tolist() == [-1] * 4 + [0, -1] + [-1] * 4 + [1, -1]
+

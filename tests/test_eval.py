@@ -1,4 +1,5 @@
 import math
+import re
 
 import numpy as np
 import pytest
@@ -227,3 +228,73 @@ def test_first_token_costs_log2_vocab_bits():
         second = -model(torch.as_tensor(tokens[None, :1], dtype=torch.int64)).log_softmax(-1)[0, 0, tokens[1]].item()
     assert two.bits == pytest.approx(8.0 + second / math.log(2), rel=1e-6)
     assert two.bpb == pytest.approx(two.bits / 2, rel=1e-12)
+
+
+class Calculator(torch.nn.Module):
+    """Reads ``a+b=`` (and the answer digits so far) before each position and predicts the next answer
+    digit of a+b mod P; uniform everywhere else. ``wrong_when_a`` makes it miss that a's last digit."""
+
+    def __init__(self, modulus: int, wrong_when_a: int | None = None):
+        super().__init__()
+        self.cfg = type("Cfg", (), {"vocab_size": 256})()
+        self.modulus, self.wrong_when_a = modulus, wrong_when_a
+        self.width = len(str(modulus - 1))
+
+    def next_digit(self, line: bytes) -> int | None:
+        w = self.width
+        match = re.fullmatch(rb"(\d{%d})\+(\d{%d})=(\d{0,%d})" % (w, w, w - 1), line)
+        if match is None:
+            return None
+        a, b, done = int(match[1]), int(match[2]), len(match[3])
+        answer = f"{(a + b) % self.modulus:0{w}d}"
+        digit = int(answer[done])
+        if a == self.wrong_when_a and done == w - 1:
+            digit = (digit + 1) % 10
+        return ord(str(digit))
+
+    def log_probs(self, tokens):
+        logits = torch.zeros(*tokens.shape, 256)
+        for row, values in enumerate(tokens.tolist()):
+            text = bytes(values)
+            for t in range(len(values)):
+                digit = self.next_digit(text[text.rfind(b"\n", 0, t + 1) + 1:t + 1])
+                if digit is not None:
+                    logits[row, t, digit] = 20.0
+        return logits.log_softmax(-1)
+
+
+@pytest.mark.parametrize("spec", ["modular:7", "modular:23"])
+def test_answer_accuracy_counts_equations_whose_every_answer_token_is_right(spec):
+    from seedbed.data import load_dataset
+    from seedbed.eval import answer_accuracy
+
+    val = load_dataset(spec).val
+    modulus = int(spec.split(":")[1])
+    perfect = answer_accuracy(Calculator(modulus), val, context=24, stride=12)
+    lines = val.tokens.astype(np.uint8).tobytes().splitlines()
+    assert perfect.answers_right == perfect.answers_total == len(lines)
+    # Missing the last digit whenever a is 3: exactly those equations are wrong.
+    missed = sum(int(line.split(b"+")[0]) == 3 for line in lines)
+    assert missed > 0
+    flawed = answer_accuracy(Calculator(modulus, wrong_when_a=3), val, context=24, stride=12)
+    assert (flawed.answers_right, flawed.answers_total) == (len(lines) - missed, len(lines))
+    assert flawed.answer_accuracy == pytest.approx(1 - missed / len(lines))
+    # bpb is unchanged by asking for answers
+    plain = evaluate_bpb(Calculator(modulus), val.tokens, val.n_bytes, context=24, stride=12)
+    assert plain.bpb == perfect.bpb and plain.answers_total == 0 and math.isnan(plain.answer_accuracy)
+
+
+def test_an_answer_is_right_only_when_all_its_tokens_are():
+    from seedbed.eval import count_right_answers
+
+    answers = np.array([-1, 0, 0, -1, 1, 1, -1, 2, 2])
+    right = np.array([False, True, True, False, True, False, True, True, True])
+    assert count_right_answers(right, answers) == (2, 3)
+    assert count_right_answers(np.zeros(3, dtype=bool), np.full(3, -1)) == (0, 0)
+
+
+def test_answer_accuracy_needs_modular_data(default_dataset):
+    from seedbed.eval import answer_accuracy
+
+    with pytest.raises(UserError, match="answer accuracy needs modular:P data"):
+        answer_accuracy(NextTokenModel(), default_dataset.val, context=8)

@@ -12,10 +12,11 @@ import torch
 
 from seedbed.config import apply_overrides, config_from_dict, read_config_file
 from seedbed.errors import UserError
+from seedbed.train.checkpoint import load_checkpoint, save_checkpoint
 from seedbed.train.trainer import Trainer
 
 from test_cli_errors import assert_one_line_error
-from test_train import TINY, TORCHRUN, final_weights, needs_torchrun, seedbed, tiny_config
+from test_train import TINY, TORCHRUN, final_weights, interrupt_at_step, needs_torchrun, seedbed, tiny_config
 
 
 @pytest.fixture
@@ -101,3 +102,42 @@ def test_resume_under_torchrun(small_corpus, tmp_path):
     final = json.loads((folder / "metrics.jsonl").read_text().splitlines()[-1])
     assert final["step"] == 8 and final["world"] == 2 and final["ranks_in_sync"] is True
     assert tomllib.loads((folder / "config.toml").read_text())["train"]["lr"] == 0.001
+
+
+@pytest.mark.parametrize("kind", ["ema", "ma"])
+def test_resume_with_grokfast_continues_exactly(small_corpus, tmp_path, kind):
+    """The filter's state (the EMA, or the MA's window and count) travels in the checkpoint."""
+    cfg = lambda: tiny_config(small_corpus, "train.steps=9", "train.checkpoint_every_steps=4",
+                              f"train.grokfast={kind}", "train.grokfast_window=3")
+    Trainer(cfg(), tmp_path / "straight", progress=False).run()
+    interrupt_at_step(Trainer(cfg(), tmp_path / "split", progress=False), 7)
+    tensors, meta = load_checkpoint(tmp_path / "split" / "checkpoint.safetensors")
+    assert meta["step"] == 4 and any(name.startswith(f"grokfast.{kind}.") for name in tensors)
+    Trainer(cfg(), tmp_path / "split", resume=True, progress=False).run()
+    a, b = (load_checkpoint(tmp_path / name / "checkpoint.safetensors")[0] for name in ("straight", "split"))
+    kept = [name for name in a if name.startswith(("model.", "grokfast."))]
+    assert kept and a.keys() == b.keys()
+    for name in kept:
+        assert torch.equal(a[name], b[name]), name
+
+
+def test_grokfast_can_be_switched_on_and_over_mid_run(run):
+    """Switched on at resume, the filter starts from the resumed step's gradient; a new kind drops the old state."""
+    Trainer(resumed_config(run, "train.steps=8", "train.grokfast=ema"), run, resume=True, progress=False).run()
+    tensors, meta = load_checkpoint(run / "checkpoint.safetensors")
+    assert meta["step"] == 8 and any(name.startswith("grokfast.ema.") for name in tensors)
+    Trainer(resumed_config(run, "train.steps=10", "train.grokfast=ma", "train.grokfast_window=4"), run, resume=True,
+            progress=False).run()
+    tensors, _ = load_checkpoint(run / "checkpoint.safetensors")
+    assert not any(name.startswith("grokfast.ema.") for name in tensors)
+    assert {int(t) for name, t in tensors.items() if name.startswith("grokfast.ma_count.")} == {2}
+
+
+def test_a_checkpoint_from_before_grokfast_resumes(run):
+    """Runs saved before the grokfast and eval_every_steps keys existed resume without them."""
+    tensors, meta = load_checkpoint(run / "checkpoint.safetensors")
+    for key in ("grokfast", "grokfast_alpha", "grokfast_lamb", "grokfast_window", "eval_every_steps"):
+        del meta["config"]["train"][key]
+    meta.pop("format")
+    save_checkpoint(run / "checkpoint.safetensors", tensors, meta)
+    assert Trainer(resumed_config(run, "train.steps=8"), run, resume=True, progress=False).run().steps == 8

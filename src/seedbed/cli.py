@@ -48,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     length = train.add_mutually_exclusive_group()
     length.add_argument("--minutes", type=positive_float, help="train for this many minutes of wall clock")
     length.add_argument("--steps", type=positive_int, help="train for this many optimiser steps")
-    train.add_argument("--data", help="default | pystdlib | PATH (file or folder) | shards:DIR")
+    train.add_argument("--data", help="default | pystdlib | modular:P[:F] (a+b=c mod P, train fraction F) | "
+                       "PATH (file or folder) | shards:DIR")
     train.add_argument("--out", help="run folder (default: runs/PRESET-TIME)")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     train.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. model.d_model=384 train.lr=0.002")
@@ -56,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser("eval", help="bits per byte of a run on held-out text")
     evaluate.add_argument("run", metavar="RUN")
     where = evaluate.add_mutually_exclusive_group()
-    where.add_argument("--data", help="corpus spec (default: the run's own corpus)")
+    where.add_argument("--data", help="corpus spec, as train's --data (default: the run's own corpus)")
     where.add_argument("--text", help="a file to score whole")
     evaluate.add_argument("--split", choices=("val", "test"), default="val")
     evaluate.add_argument("--stride", type=positive_int, default=0, help="sliding-window stride (default: context/2)")
@@ -69,6 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--top-k", type=int, default=0)
     generate.add_argument("--top-p", type=float, default=1.0)
     generate.add_argument("--seed", type=int, default=None)
+    generate.add_argument("--draft-layers", type=positive_int, metavar="E",
+                          help="self-speculative decoding: draft with the first E layers, verify with all "
+                               "(the same text at --temperature 0, the same distribution when sampling)")
+    generate.add_argument("--draft-tokens", type=positive_int, default=4, metavar="D",
+                          help="tokens drafted per verifying pass (with --draft-layers; default 4)")
 
     shards = commands.add_parser("export-shards", help="write a text corpus as .bin token shards")
     shards.add_argument("--data", default="default")
@@ -107,10 +113,11 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("presets", help="list the built-in presets")
 
     bench = commands.add_parser("bench", help="benchmarks that write a table to BENCHMARKS.md")
-    bench.add_argument("suite", choices=("train", "codec", "seeds", "mixkabrn", "hybrid", "hourglass"))
+    bench.add_argument("suite", choices=("train", "codec", "seeds", "mixkabrn", "hybrid", "hourglass", "peer",
+                                          "grokfast", "architectures"))
     bench.add_argument("--minutes", type=positive_float, default=10.0,
-                       help="train: budget for the bpb row; seeds, mixkabrn, hybrid, hourglass: training budget "
-                            "of every model")
+                       help="train: budget for the bpb row; seeds, mixkabrn, hybrid, hourglass, grokfast, architectures: training "
+                            "budget of every model")
     bench.add_argument("--artifact", help="codec: the packed model to compress with")
     bench.add_argument("--variant", action="append", metavar="'NAME: key=value ...'",
                        help="train: a variant of the default preset to time and train beside the others (repeat)")
@@ -156,6 +163,8 @@ def cmd_train(args: argparse.Namespace) -> None:
               f"(+ warm-up {result.warmup_seconds:.1f} s, not counted)  {result.tokens_per_second:,.0f} tok/s  "
               f"MFU {mfu}")
         print(f"val bpb {result.val_bpb:.4f}")
+        if result.val_answer_accuracy is not None:
+            print(f"val answer accuracy {result.val_answer_accuracy:.2%}")
         print(f"run folder {run_dir}")
 
 
@@ -179,17 +188,31 @@ def cmd_eval(args: argparse.Namespace) -> None:
         what = f"{spec} [{args.split}]"
     print(f"{what}: bpb {result.bpb:.4f}  tokens {result.tokens:,}  bytes {result.n_bytes:,}  "
           f"bits/token {result.bits_per_token:.4f}  ({result.seconds:.1f} s)")
+    if result.answers_total:
+        print(f"answer accuracy {result.answer_accuracy:.2%} ({result.answers_right:,} of {result.answers_total:,} "
+              "equations right, argmax of every answer token)")
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
     from seedbed.runs import load
 
+    from seedbed.model.layerskip import DraftStats
+
     loaded = load(args.run)
-    sys.stdout.write(args.prompt)
-    for piece in loaded.stream(args.prompt, args.tokens, args.temperature, args.top_k, args.top_p, args.seed):
+    stats = DraftStats()
+    pieces = loaded.stream(args.prompt, args.tokens, args.temperature, args.top_k, args.top_p, args.seed,
+                           draft_layers=args.draft_layers or 0, draft_tokens=args.draft_tokens, stats=stats)
+    first = next(pieces, "")  # bad options fail here, before any text is written
+    start = time.perf_counter()
+    sys.stdout.write(args.prompt + first)
+    for piece in pieces:
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
+    if args.draft_layers:
+        print(f"self-speculative: {args.draft_layers} draft layers, {args.draft_tokens} drafts per pass, "
+              f"{stats.accepted:,} of {stats.drafted:,} drafts accepted ({stats.acceptance:.1%}) in {stats.rounds:,} "
+              f"verifying passes, {time.perf_counter() - start:.2f} s", file=sys.stderr)
 
 
 def cmd_export_shards(args: argparse.Namespace) -> None:
@@ -303,9 +326,12 @@ def cmd_presets(args: argparse.Namespace) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
+    from seedbed.bench.architectures import bench_architectures
+    from seedbed.bench.grokfast import bench_grokfast
     from seedbed.bench.hourglass import bench_hourglass
     from seedbed.bench.hybrid import bench_hybrid
     from seedbed.bench.models import bench_mixkabrn, bench_seeds
+    from seedbed.bench.peer import bench_peer
     from seedbed.bench.train import bench_codec, bench_train
 
     if args.suite == "train":
@@ -318,6 +344,12 @@ def cmd_bench(args: argparse.Namespace) -> None:
         bench_hybrid(args.minutes, Path(args.output))
     elif args.suite == "hourglass":
         bench_hourglass(args.minutes, Path(args.output))
+    elif args.suite == "grokfast":
+        bench_grokfast(args.minutes, Path(args.output))
+    elif args.suite == "peer":
+        bench_peer(Path(args.output))
+    elif args.suite == "architectures":
+        bench_architectures(args.minutes, Path(args.output))
     elif not args.artifact or not Path(args.artifact).is_file():
         raise UserError("bench codec needs --artifact FILE (make one with seedbed pack RUN)")
     else:

@@ -45,6 +45,9 @@ class BlockConfig:
     input: str = "hidden"  # hidden | hidden+embedding: the mixer reads W [norm(h); norm(embedding)] (Zamba)
     # global | local: inside an hourglass, a local block runs over the latents of one group at a time.
     scope: str = "global"
+    # Mixture of depths (model/depths.py): {capacity = 0.125, ...} runs the block on a routed fraction
+    # of the tokens only; {} (the default) on every token.
+    mixture_of_depths: dict[str, Any] = field(default_factory=dict)
 
     def check(self, where: str) -> None:
         require(self.share in SHARES, f"{where}.share must be one of {', '.join(SHARES)}, got {self.share!r}")
@@ -84,6 +87,10 @@ class ModelConfig:
     # Denseformer depth-weighted averages over the stack's depths (model/denseformer.py):
     # {dilation = 1, period = 1}; dilation 0 (the default, {}) turns them off.
     denseformer: dict[str, Any] = field(default_factory=dict)
+    # LayerSkip (model/layerskip.py), training only: the last depth's layer-dropout rate (earlier
+    # depths less), and the scale of the early-exit losses through the shared head.
+    layer_dropout: float = 0.0
+    early_exit_loss: float = 0.0
 
     def check(self, where: str) -> None:
         for name in ("vocab_size", "d_model", "n_layers", "max_seq_len"):
@@ -96,6 +103,8 @@ class ModelConfig:
         denseformer_options(self.denseformer, f"{where}.denseformer")
         require(self.logit_softcap >= 0, f"{where}.logit_softcap must be >= 0")
         require(self.embed_init_std > 0, f"{where}.embed_init_std must be positive")
+        require(0 <= self.layer_dropout < 1, f"{where}.layer_dropout must be in [0, 1), got {self.layer_dropout}")
+        require(self.early_exit_loss >= 0, f"{where}.early_exit_loss must be >= 0, got {self.early_exit_loss}")
 
     def known_block(self, name: str, key: str) -> str:
         known = set(self.blocks) | {"default"} | set(BUILTIN_BLOCKS)
@@ -150,7 +159,7 @@ def denseformer_options(values: dict[str, Any], where: str) -> DenseformerOption
 
 @dataclass
 class DataConfig:
-    spec: str = "default"  # default | pystdlib | PATH | shards:DIR
+    spec: str = "default"  # default | pystdlib | modular:P[:F] | PATH | shards:DIR
     tokenizer: str = "bytes"  # bytes | sp | sp:PATH
     vocab_size: int = 1024  # for a SentencePiece tokenizer trained on the train split
 
@@ -182,6 +191,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     threads: int = 0  # 0: OMP_NUM_THREADS if set, else all cores shared between local processes
     eval_every_seconds: float = 60.0
+    eval_every_steps: int = 0  # 0: evaluate every eval_every_seconds; else every this many steps
     eval_tokens: int = 65536  # val tokens scored by the periodic eval (0: the whole split)
     eval_stride: int = 0  # sliding-window stride for eval; 0: max_seq_len // 2
     checkpoint_every_seconds: float = 60.0
@@ -190,13 +200,19 @@ class TrainConfig:
     seed_search_every: int = 0  # gradient-free search over seeded modules every N steps; 0: seeds stay frozen
     seed_search_candidates: int = 4
     seed_search_margin: float = 2.0  # accept a proposal only if it wins by this many standard errors
+    # Grokfast (train/grokfast.py): add lamb x a low-pass filter of the gradients to them before
+    # clipping and the step; ema: e <- alpha e + (1 - alpha) g; ma: the mean of the last window.
+    grokfast: str = "none"  # none | ema | ma
+    grokfast_alpha: float = 0.98
+    grokfast_lamb: float = 2.0
+    grokfast_window: int = 100
 
     def check(self, where: str) -> None:
         for name in ("batch_size", "grad_accum", "log_every"):
             require(getattr(self, name) > 0, f"{where}.{name} must be positive, got {getattr(self, name)}")
         for name in ("steps", "minutes", "lr", "matrix_lr", "warmup_steps", "grad_clip",
                      "weight_decay", "eval_tokens", "eval_stride", "threads", "checkpoint_every_steps",
-                     "seed_search_every"):
+                     "seed_search_every", "eval_every_steps", "grokfast_lamb"):
             require(getattr(self, name) >= 0, f"{where}.{name} must be >= 0, got {getattr(self, name)}")
         require(self.seed_search_candidates > 0, f"{where}.seed_search_candidates must be positive")
         require(self.seed_search_margin >= 0, f"{where}.seed_search_margin must be >= 0")
@@ -211,6 +227,9 @@ class TrainConfig:
         require(0 <= self.min_lr_frac <= 1, f"{where}.min_lr_frac must be in [0, 1]")
         require(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, f"{where}.beta1 and beta2 must be in [0, 1)")
         require(0 <= self.momentum < 1, f"{where}.momentum must be in [0, 1)")
+        require(self.grokfast in ("none", "ema", "ma"), f"{where}.grokfast must be none, ema or ma, got {self.grokfast!r}")
+        require(0 <= self.grokfast_alpha < 1, f"{where}.grokfast_alpha must be in [0, 1), got {self.grokfast_alpha}")
+        require(self.grokfast_window > 0, f"{where}.grokfast_window must be positive, got {self.grokfast_window}")
 
 
 @dataclass
@@ -234,7 +253,9 @@ RESUMABLE_TRAIN_KEYS = frozenset({
     "steps", "minutes", "lr", "matrix_lr", "momentum", "beta1", "beta2", "weight_decay", "warmup_steps",
     "schedule", "warmdown_frac", "min_lr_frac", "grad_clip", "dtype", "compile", "device", "threads",
     "eval_every_seconds", "eval_tokens", "eval_stride", "checkpoint_every_seconds", "checkpoint_every_steps",
-    "log_every", "seed_search_every", "seed_search_candidates", "seed_search_margin"})
+    "log_every", "seed_search_every", "seed_search_candidates", "seed_search_margin", "eval_every_steps",
+    # Grokfast may be switched on, off or over mid-run: a new kind or window starts its state afresh.
+    "grokfast", "grokfast_alpha", "grokfast_lamb", "grokfast_window"})
 
 
 def check_resume_config(saved: dict[str, Any], cfg: RunConfig, skip: frozenset[str] = frozenset()) -> None:

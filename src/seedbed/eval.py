@@ -5,6 +5,11 @@ scores all of its targets; each later window advances by ``stride`` and scores o
 its last ``stride`` targets, so every token is scored exactly once with at least
 ``context - stride`` tokens of context. Token 0 has no context and is scored with the
 uniform distribution (log2 V bits), so every byte of the text is paid for.
+
+Answer accuracy (``modular:P`` data, see ``data/modular.py``) rides on the same pass: given
+which tokens spell which equation's answer, an equation counts as right when the argmax of
+the model's prediction is the true token at every one of its answer tokens, each predicted
+from the text before it (teacher-forced, with the windows' context).
 """
 
 from __future__ import annotations
@@ -28,6 +33,12 @@ class EvalResult:
     tokens: int
     n_bytes: int
     seconds: float
+    answers_right: int = 0  # equations whose every answer token was the argmax (when answers were given)
+    answers_total: int = 0
+
+    @property
+    def answer_accuracy(self) -> float:
+        return self.answers_right / self.answers_total if self.answers_total else float("nan")
 
     @property
     def bpb(self) -> float:
@@ -69,8 +80,11 @@ def check_normalised(log_probs: torch.Tensor, chunk_elements: int = 1 << 22) -> 
 
 @torch.no_grad()
 def evaluate_bpb(model, tokens: np.ndarray, n_bytes: int, context: int, stride: int = 0,
-                 batch_size: int = 16, device: str | torch.device = "cpu", autocast_dtype=None) -> EvalResult:
-    """Bits per byte of ``tokens`` (which encode ``n_bytes`` bytes of text) under ``model``."""
+                 batch_size: int = 16, device: str | torch.device = "cpu", autocast_dtype=None,
+                 answers: np.ndarray | None = None) -> EvalResult:
+    """Bits per byte of ``tokens`` (which encode ``n_bytes`` bytes of text) under ``model``; with
+    ``answers`` (per token: the equation whose answer it spells, -1 elsewhere), also how many
+    equations have every answer token predicted right (argmax)."""
     if len(tokens) == 0 or n_bytes <= 0:
         raise UserError("nothing to evaluate: the text is empty")
     stride = stride or max(1, context // 2)
@@ -90,6 +104,9 @@ def evaluate_bpb(model, tokens: np.ndarray, n_bytes: int, context: int, stride: 
     autocast = (torch.autocast(device_type=torch.device(device).type, dtype=autocast_dtype)
                 if autocast_dtype is not None else nullcontext())
     nats = 0.0
+    if answers is not None and len(answers) != len(data):
+        raise ValueError(f"answers mark {len(answers)} tokens, the text has {len(data)}")
+    right = np.zeros(len(data), dtype=bool)  # position t: the argmax predicted token t
     for length, group in by_length.items():
         for i in range(0, len(group), batch_size):
             batch = group[i:i + batch_size]
@@ -99,8 +116,32 @@ def evaluate_bpb(model, tokens: np.ndarray, n_bytes: int, context: int, stride: 
                 log_probs = model.log_probs(inputs).float()
             check_normalised(log_probs)
             picked = log_probs.gather(-1, targets[..., None])[..., 0]
-            for row, (_, _, n_scored) in enumerate(batch):
+            hits = (log_probs.argmax(-1) == targets).cpu().numpy() if answers is not None else None
+            for row, (_, b, n_scored) in enumerate(batch):
                 nats -= picked[row, length - n_scored:].double().sum().item()
+                if hits is not None:
+                    right[b + 1 - n_scored:b + 1] = hits[row, length - n_scored:]
     model.train(was_training)
-    return EvalResult(bits=bits + nats / math.log(2), tokens=len(data), n_bytes=n_bytes,
-                      seconds=time.perf_counter() - start)
+    result = EvalResult(bits=bits + nats / math.log(2), tokens=len(data), n_bytes=n_bytes,
+                        seconds=time.perf_counter() - start)
+    if answers is not None:
+        result.answers_right, result.answers_total = count_right_answers(right, np.asarray(answers))
+    return result
+
+
+def count_right_answers(right: np.ndarray, answers: np.ndarray) -> tuple[int, int]:
+    """(equations with every answer token right, equations): ``right`` per position, ``answers``
+    per position the equation its token answers (-1: none)."""
+    marked = answers >= 0
+    equations = np.unique(answers[marked])
+    wrong = np.unique(answers[marked & ~right])
+    return len(equations) - len(wrong), len(equations)
+
+
+def answer_accuracy(model, split, context: int, stride: int = 0, batch_size: int = 16,
+                    device: str | torch.device = "cpu") -> EvalResult:
+    """Answer accuracy (and bpb) of a ``modular:P`` split (``data.Split`` with ``answers``): the
+    model runs over the split's token stream in windows of ``context`` tokens, teacher-forced."""
+    if split.answers is None:
+        raise UserError("answer accuracy needs modular:P data (its splits mark the answers)")
+    return evaluate_bpb(model, split.tokens, split.n_bytes, context, stride, batch_size, device, answers=split.answers)

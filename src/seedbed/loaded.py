@@ -14,10 +14,12 @@ import numpy as np
 import torch
 
 from seedbed.config import RunConfig
-from seedbed.data import load_dataset, load_documents, split_documents
+from seedbed.data import load_dataset, load_splits
+from seedbed.data.modular import answer_tokens, parse_modular
 from seedbed.errors import UserError
 from seedbed.eval import EvalResult, evaluate_bpb
 from seedbed.model import LM
+from seedbed.model.layerskip import DraftStats
 
 
 @dataclass
@@ -34,14 +36,17 @@ class LoadedModel:
         return self.tokenizer.encode(data)
 
     def stream(self, prompt: str, tokens: int = 200, temperature: float = 1.0, top_k: int = 0,
-               top_p: float = 1.0, seed: int | None = None) -> Iterator[str]:
-        """Yield generated text piece by piece, decoding UTF-8 incrementally."""
+               top_p: float = 1.0, seed: int | None = None, draft_layers: int = 0, draft_tokens: int = 4,
+               stats: DraftStats | None = None) -> Iterator[str]:
+        """Yield generated text piece by piece, decoding UTF-8 incrementally (self-speculatively
+        with ``draft_layers``: see ``LM.generate``)."""
         prompt_ids = [int(t) for t in self.encode(prompt.encode("utf-8"))]
         if not prompt_ids:
             raise UserError("the prompt is empty; give at least one character")
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        for token in self.model.generate(prompt_ids, tokens, temperature, top_k, top_p, generator):
+        for token in self.model.generate(prompt_ids, tokens, temperature, top_k, top_p, generator,
+                                         draft_layers=draft_layers, draft_tokens=draft_tokens, stats=stats):
             piece = decoder.decode(self.tokenizer.decode([token]))
             if piece:
                 yield piece
@@ -61,16 +66,20 @@ class LoadedModel:
     def evaluate_split(self, spec: str, split: str, stride: int = 0, max_tokens: int = 0,
                        context: int = 0) -> EvalResult:
         """bpb on one split of a corpus (its first ``max_tokens`` tokens if given), in this model's tokenizer,
-        with windows of ``context`` tokens (0: the context it was trained at)."""
+        with windows of ``context`` tokens (0: the context it was trained at); on ``modular:P`` data
+        also the answer accuracy (of the whole split only: not with ``max_tokens``)."""
         if spec.startswith("shards:"):  # already tokens: the shards' own tokenizer counts the bytes
             chosen = getattr(load_dataset(spec, self.config.data.tokenizer, self.config.data.vocab_size), split)
             tokens, n_bytes = chosen.tokens, chosen.n_bytes
         else:
-            train, val, test = split_documents(load_documents(spec))
+            train, val, test = load_splits(spec)
             docs = {"train": train, "val": val, "test": test}[split]
             tokens = np.concatenate([self.encode(doc.data) for doc in docs])
             n_bytes = sum(len(doc.data) for doc in docs)
+        modular = parse_modular(spec)
+        answers = answer_tokens(self.tokenizer.byte_lengths(tokens), modular) if modular else None
         if 0 < max_tokens < len(tokens):
-            tokens = tokens[:max_tokens]
+            tokens, answers = tokens[:max_tokens], None
             n_bytes = self.tokenizer.count_bytes(tokens)
-        return evaluate_bpb(self.model, tokens, n_bytes, context or self.config.model.max_seq_len, stride)
+        return evaluate_bpb(self.model, tokens, n_bytes, context or self.config.model.max_seq_len, stride,
+                            answers=answers)

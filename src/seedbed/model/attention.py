@@ -147,6 +147,11 @@ class Attention(nn.Module):
         return {"k": torch.zeros(shape, device=device, dtype=dtype),
                 "v": torch.zeros(shape, device=device, dtype=dtype), "pos": 0}
 
+    def rewind(self, before: dict, kept: int) -> dict:
+        """The cache after ``kept`` positions of later steps from ``before``: those steps wrote the
+        keys and values already, so only the length moves (self-speculative decoding's rewind)."""
+        return {**before, "pos": before["pos"] + kept}
+
     def step(self, x: torch.Tensor, state: dict) -> tuple[torch.Tensor, dict]:
         pos, t = state["pos"], x.shape[1]
         if pos + t > state["k"].shape[2]:

@@ -15,10 +15,12 @@ from torch import nn
 
 # Importing the component modules registers them.
 from seedbed.model import (attention, bitlinear, hourglass, kan, mamba2, mlp, modulo_experts, moe,  # noqa: F401
-                           multichannel, retention, seeded)
+                           multichannel, peer, retention, seeded)
 from seedbed.config import ModelConfig
 from seedbed.hardware import return_large_frees_to_the_system
 from seedbed.model.layers import BuildContext
+from seedbed.model.layerskip import (DraftStats, SelfSpeculative, early_exit_objective, filtered_probs,
+                                     layer_dropout_rates)
 from seedbed.model.seeded import SeedCache
 from seedbed.model.stack import Layer, SharedParts, build_denseformer, build_stack, run_stack
 from seedbed.registry import require
@@ -32,6 +34,8 @@ class LM(nn.Module):
         nn.init.normal_(self.embed.weight, std=cfg.embed_init_std)
         self.shared, self.blocks = build_stack(cfg)
         self.denseformer = build_denseformer(cfg.n_layers, cfg.denseformer, "model.denseformer")
+        self.dropout_rates = layer_dropout_rates(cfg.layer_dropout, cfg.n_layers) if cfg.layer_dropout else None
+        self.exits: list[torch.Tensor] | None = None
         # Every SharedParts, also those of an hourglass's inner stack; a plain list, not submodules.
         self.shared_parts = [m for m in self.modules() if isinstance(m, SharedParts)]
         head_ctx = BuildContext(cfg.d_model, cfg.n_layers, cfg.n_layers, cfg.max_seq_len, cfg.linear, cfg.norm)
@@ -53,24 +57,38 @@ class LM(nn.Module):
             logits = cap * torch.tanh(logits / cap)
         return logits
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Float32 logits (B, T, V) for next-token prediction at every position."""
+    def forward(self, tokens: torch.Tensor, exit_layer: int = 0) -> torch.Tensor:
+        """Float32 logits (B, T, V) for next-token prediction at every position; with ``exit_layer``
+        E, from the first E layers through the same final norm and head (LayerSkip's early exit).
+        In training with ``early_exit_loss``, ``exits`` keeps the hidden states after each depth."""
         for parts in self.shared_parts:
             parts.begin_forward()
         x = embedded = self.embed(tokens)
         checkpointing = self.cfg.stream_layers and torch.is_grad_enabled()
-        x, _ = run_stack(self.blocks, self.denseformer, x, embedded, tokens, checkpointing=checkpointing)
+        blocks = self.blocks if not exit_layer else self.blocks[:exit_layer]
+        dropout = self.dropout_rates if self.training else None
+        self.exits = [] if self.training and self.cfg.early_exit_loss > 0 else None
+        x, _ = run_stack(blocks, self.denseformer, x, embedded, tokens, checkpointing=checkpointing,
+                         dropout=dropout, exits=self.exits)
         return self.logits(x)
+
+    def objective(self, loss: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """What training minimises, from the last training forward's cross-entropy ``loss``: the
+        early-exit mixture when enabled, plus the auxiliary losses (MoE balance, routing) it set."""
+        if self.exits:
+            loss = early_exit_objective(self, loss, self.exits, targets)
+        self.exits = None
+        return loss + moe.auxiliary_loss(self)
 
     def log_probs(self, tokens: torch.Tensor) -> torch.Tensor:
         """Normalised log-probabilities (B, T, V) of the next token; what evaluation scores."""
         return self(tokens).log_softmax(dim=-1)
 
     def loss(self, tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Cross-entropy; in training plus the auxiliary losses (MoE balance) set by this forward."""
+        """Cross-entropy; in training ``objective``: plus early exits and auxiliary losses."""
         logits = self(tokens)
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
-        return loss + moe.auxiliary_loss(self) if self.training else loss
+        return self.objective(loss, targets) if self.training else loss
 
     def init_state(self, batch: int, max_len: int) -> list:
         param = self.embed.weight
@@ -84,15 +102,24 @@ class LM(nn.Module):
 
     @torch.no_grad()
     def generate(self, prompt: list[int], max_new_tokens: int, temperature: float = 1.0, top_k: int = 0,
-                 top_p: float = 1.0, generator: torch.Generator | None = None) -> Iterator[int]:
+                 top_p: float = 1.0, generator: torch.Generator | None = None, draft_layers: int = 0,
+                 draft_tokens: int = 4, stats: DraftStats | None = None) -> Iterator[int]:
         """Yield sampled token ids one at a time, using the incremental state.
 
         When the context fills up, the state is rebuilt from the last half-context of tokens.
+        With ``draft_layers`` E, self-speculative decoding (model/layerskip.py): the same tokens
+        greedily, the same distribution when sampling; ``stats`` (if given) counts the drafts.
         """
         require(len(prompt) > 0, "the prompt must contain at least one token")
         require(temperature >= 0, f"temperature must be >= 0, got {temperature}")
         require(top_k >= 0, f"top-k must be >= 0, got {top_k}")
         require(0 < top_p <= 1, f"top-p must be in (0, 1], got {top_p}")
+        if draft_layers:
+            decoder = SelfSpeculative(self, draft_layers, draft_tokens, temperature, top_k, top_p, generator)
+            if stats is not None:
+                decoder.stats = stats
+            yield from decoder.generate(prompt, max_new_tokens)
+            return
         device = self.embed.weight.device
         window = self.cfg.max_seq_len
         history = list(prompt)[-window:]
@@ -115,17 +142,7 @@ def sample(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
     """Draw one token from float logits (V,) with temperature, top-k and nucleus filtering."""
     if temperature == 0:
         return int(logits.argmax())
-    logits = logits.float() / temperature
-    if 0 < top_k < logits.numel():
-        kth = torch.topk(logits, top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = logits.softmax(-1)
-    if top_p < 1.0:
-        sorted_probs, order = probs.sort(descending=True)
-        # Keep the smallest prefix whose mass reaches top_p (always at least one token).
-        outside = sorted_probs.cumsum(-1) - sorted_probs >= top_p
-        sorted_probs[outside] = 0
-        probs = torch.zeros_like(probs).scatter(0, order, sorted_probs)
+    probs = filtered_probs(logits, temperature, top_k, top_p)
     return int(torch.multinomial(probs.cpu(), 1, generator=generator))
 
 

@@ -17,7 +17,7 @@ Balance loss (Switch Transformer / DeepSeekMoE expert level), over the N tokens 
 
     f_i = (assignments to expert i) / (N * top_k)     fraction of assignments, no gradient
     P_i = mean_t p_i(t)                               mean router probability
-    L   = balance_coef * n_routed * sum_i f_i P_i
+    L   = balance_coef * n_routed * sum_i f_i P_i         (n_routed + noop_experts with no-op experts)
 
 A perfectly uniform router (every p_i = 1 / n_routed) gives ``L = balance_coef`` exactly;
 one that sends everything to a single expert gives nearly ``n_routed * balance_coef``.
@@ -44,6 +44,12 @@ equation one token at a time, with capacity decided by a plain counting loop.
 Experts are any registered feed-forward (``expert = "mlp"`` or ``"kan"``, ...), built with
 ``expert_options``; ``expert_mult`` and ``activation`` fill the expert's ``mult`` and
 ``activation`` options when it has them, and ``expert_options`` override them.
+
+No-op experts (integrated mixture of depths and experts, Raposo et al. 2024): ``noop_experts``
+m > 0 adds m experts that compute nothing. The router chooses among n_routed + m, and a token
+whose choice is a no-op expert gets nothing from it (with no shared experts and every choice a
+no-op, the block leaves the token as it was), so the router learns which tokens need the
+feed-forward at all. The balance loss, load and capacity count the no-op experts like the others.
 """
 
 from __future__ import annotations
@@ -68,6 +74,7 @@ class MoE(nn.Module):
     class Options:
         n_routed: int = 8
         n_shared: int = 1
+        noop_experts: int = 0  # experts that return zero: integrated MoDE (the token skips the experts)
         top_k: int = 2
         expert_mult: float = 0.5  # hidden width of every expert = expert_mult * d_model
         activation: str = "relu2"
@@ -80,8 +87,10 @@ class MoE(nn.Module):
         def check(self, where: str) -> None:
             require(self.n_routed >= 1, f"{where}.n_routed must be >= 1, got {self.n_routed}")
             require(self.n_shared >= 0, f"{where}.n_shared must be >= 0, got {self.n_shared}")
-            require(1 <= self.top_k <= self.n_routed,
-                    f"{where}.top_k must be between 1 and n_routed={self.n_routed}, got {self.top_k}")
+            require(self.noop_experts >= 0, f"{where}.noop_experts must be >= 0, got {self.noop_experts}")
+            choices = self.n_routed + self.noop_experts
+            limit = f"n_routed={self.n_routed}" + (f" + noop_experts={self.noop_experts}" if self.noop_experts else "")
+            require(1 <= self.top_k <= choices, f"{where}.top_k must be between 1 and {limit}, got {self.top_k}")
             require(self.expert_mult > 0, f"{where}.expert_mult must be positive, got {self.expert_mult}")
             require(self.activation in ACTIVATIONS,
                     f"{where}.activation must be one of {', '.join(ACTIVATIONS)}, got {self.activation!r}")
@@ -101,12 +110,13 @@ class MoE(nn.Module):
     def __init__(self, options: Options, ctx: BuildContext):
         super().__init__()
         self.n_routed, self.top_k = options.n_routed, options.top_k
+        self.n_choices = options.n_routed + options.noop_experts  # routed experts, then the no-ops
         self.balance_coef, self.capacity_factor = options.balance_coef, options.capacity_factor
         self.reference = options.reference
         entry, expert_options = options.expert_spec("model.ffn")
         self.shared = nn.ModuleList(entry.cls(expert_options, ctx) for _ in range(options.n_shared))
         self.routed = nn.ModuleList(entry.cls(expert_options, ctx) for _ in range(options.n_routed))
-        self.router = ctx.linear(ctx.d_model, options.n_routed, spec={"kind": "dense"})
+        self.router = ctx.linear(ctx.d_model, self.n_choices, spec={"kind": "dense"})
         self.aux_loss: torch.Tensor | None = None
         # Shared by several depths (model/stack.py): add up the balance loss of every use in one
         # forward (``SharedParts.begin_forward`` starts it), instead of keeping only the last call's.
@@ -130,20 +140,24 @@ class MoE(nn.Module):
 
             router + n_shared * expert(N tokens) + expert(top_k N tokens) + (n_routed - 1) * expert(0 tokens)
 
+        With no-op experts, the routed assignments are counted at the share a balanced router sends
+        to real experts, top_k N n_routed / (n_routed + noop_experts).
+
         Every routed expert runs once per call on its slice; a feed-forward's cost is affine in its
         tokens, so the slices together cost one expert on all top_k N assignments plus the other experts'
         per-call work (zero for dense weights). Assignments dropped by capacity are counted too.
         """
         tokens = batch * context
         expert = self.routed[0]
-        routed = expert.flops(1, self.top_k * tokens) + (self.n_routed - 1) * expert.flops(1, 0)
+        assigned = self.top_k * tokens * self.n_routed // self.n_choices
+        routed = expert.flops(1, assigned) + (self.n_routed - 1) * expert.flops(1, 0)
         return sum((e.flops(batch, context) for e in self.shared), self.router.flops(tokens)) + routed
 
     def capacity(self, n_tokens: int) -> int:
         """Assignments each expert may take; 0 means unlimited (always so in eval mode)."""
         if not self.training or self.capacity_factor == 0:
             return 0
-        return math.ceil(self.capacity_factor * n_tokens * self.top_k / self.n_routed)
+        return math.ceil(self.capacity_factor * n_tokens * self.top_k / self.n_choices)
 
     def dispatch(self, x: torch.Tensor, tokens: torch.Tensor, gates: torch.Tensor, choices: torch.Tensor,
                  capacity: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -153,19 +167,22 @@ class MoE(nn.Module):
         expert_of = choices.T.reshape(-1)
         token_of = torch.arange(n, device=x.device).repeat(k)
         order = torch.argsort(expert_of, stable=True)  # stable: keeps that priority within an expert
-        sizes = torch.bincount(expert_of, minlength=self.n_routed)
+        sizes = torch.bincount(expert_of, minlength=self.n_choices)
         if capacity:
             first = sizes.cumsum(0) - sizes
             rank_in_expert = torch.arange(n * k, device=x.device) - first[expert_of[order]]
             order = order[rank_in_expert < capacity]
             sizes = sizes.clamp(max=capacity)
+        kept = torch.zeros(n * k, dtype=torch.bool, device=x.device)
+        kept[order] = True
+        # No-op experts sort last: their assignments are kept but run nothing.
+        order = order[:int(sizes[:self.n_routed].sum())]
+        sizes = sizes[:self.n_routed].tolist()
         rows = token_of[order]
-        slices = zip(self.routed, x[rows].split(sizes.tolist()), tokens[rows].split(sizes.tolist()))
+        slices = zip(self.routed, x[rows].split(sizes), tokens[rows].split(sizes))
         outputs = torch.cat([expert(chunk[None], chunk_tokens[None])[0] for expert, chunk, chunk_tokens in slices])
         weighted = outputs * gates.T.reshape(-1)[order, None]
         routed = weighted.new_zeros(n, x.shape[-1]).index_add_(0, rows, weighted)
-        kept = torch.zeros(n * k, dtype=torch.bool, device=x.device)
-        kept[order] = True
         return routed, kept.view(k, n).T
 
     def dispatch_per_token(self, x: torch.Tensor, tokens: torch.Tensor, gates: torch.Tensor,
@@ -174,7 +191,7 @@ class MoE(nn.Module):
         n, k = choices.shape
         kept = [[True] * k for _ in range(n)]
         if capacity:
-            taken = [0] * self.n_routed
+            taken = [0] * self.n_choices
             for j in range(k):
                 for t in range(n):
                     expert = int(choices[t, j])
@@ -184,7 +201,7 @@ class MoE(nn.Module):
         for t in range(n):
             row = torch.zeros(x.shape[-1], device=x.device)
             for j in range(k):
-                if kept[t][j]:
+                if kept[t][j] and int(choices[t, j]) < self.n_routed:
                     expert = self.routed[int(choices[t, j])]
                     row = row + gates[t, j] * expert(x[t][None, None], tokens[t][None, None])[0, 0]
             rows.append(row)
@@ -192,11 +209,11 @@ class MoE(nn.Module):
 
     def record_routing(self, probs: torch.Tensor, choices: torch.Tensor, kept: torch.Tensor) -> None:
         """Set ``expert_load`` and ``drop_fraction``; in training also the balance loss ``aux_loss``."""
-        load = torch.bincount(choices.reshape(-1), minlength=self.n_routed).float() / choices.numel()
+        load = torch.bincount(choices.reshape(-1), minlength=self.n_choices).float() / choices.numel()
         self.expert_load = load.detach()
         self.drop_fraction = 1 - kept.float().mean()
         if self.training:
-            loss = self.balance_coef * self.n_routed * (load * probs.mean(0)).sum()
+            loss = self.balance_coef * self.n_choices * (load * probs.mean(0)).sum()
             record_aux_loss(self, loss)
         else:
             self.aux_loss = None

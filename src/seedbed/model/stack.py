@@ -29,6 +29,7 @@ use, and the shared parameters nothing extra.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections import Counter
 
 import torch
@@ -37,7 +38,9 @@ from torch.utils.checkpoint import checkpoint
 
 from seedbed.config import BlockConfig, ModelConfig, denseformer_options
 from seedbed.model.denseformer import DepthWeightedAverage
+from seedbed.model.depths import DepthRouter, depth_routing_options, gather_picked
 from seedbed.model.layers import BuildContext, PerUseLoRA
+from seedbed.model.layerskip import skip_rows
 from seedbed.perf import Flops
 from seedbed.registry import FFNS, MIXERS, require
 
@@ -117,6 +120,10 @@ class Layer(nn.Module):
         self.depth_embedding = nn.Parameter(torch.zeros(d_model)) if spec.depth_embedding else None
         self.mixer_gain = nn.Parameter(torch.ones(d_model)) if spec.use_scale and self.mixer is not None else None
         self.ffn_gain = nn.Parameter(torch.ones(d_model)) if spec.use_scale and self.ffn is not None else None
+        routing = depth_routing_options(spec.mixture_of_depths, f"{where}.mixture_of_depths")
+        require(not (routing.capacity and local_group),
+                f"{where}.mixture_of_depths: a local block runs over whole groups; it cannot skip tokens")
+        self.depth_router = DepthRouter(routing, d_model) if routing.capacity else None
 
     def mixer_input(self, h: torch.Tensor, embedded: torch.Tensor) -> torch.Tensor:
         if self.reads_residual:
@@ -145,6 +152,33 @@ class Layer(nn.Module):
 
     def run_global(self, h: torch.Tensor, embedded: torch.Tensor, tokens: torch.Tensor | None, state,
                    stepping: bool = False) -> tuple[torch.Tensor, object]:
+        if self.depth_router is None:
+            return self.run_block(h, embedded, tokens, state, stepping)
+        picked, weight = self.depth_router(h)
+        if not stepping:
+            return self.run_picked(h, embedded, tokens, picked, weight, None, False)[0], state
+        # One state per row: each row's state holds only the tokens that row picked.
+        rows = [self.run_picked(h[b:b + 1], embedded[b:b + 1], None if tokens is None else tokens[b:b + 1],
+                                picked[b:b + 1], weight[b:b + 1], state[b], True) for b in range(h.shape[0])]
+        return torch.cat([row[0] for row in rows]), [row[1] for row in rows]
+
+    def run_picked(self, h: torch.Tensor, embedded: torch.Tensor, tokens: torch.Tensor | None,
+                   picked: torch.Tensor, weight: torch.Tensor, state, stepping: bool) -> tuple[torch.Tensor, object]:
+        """Mixture of depths: the block over each row's picked tokens as one sub-sequence (rows padded
+        at the end, where a causal block cannot see the padding), its change added back scaled by the
+        router weight; unpicked tokens pass unchanged."""
+        order, real = gather_picked(picked)
+        if order.shape[1] == 0:
+            return h, state
+        index = order[..., None].expand(-1, -1, h.shape[-1])
+        sub = h.gather(1, index)
+        out, state = self.run_block(sub, embedded.gather(1, index), None if tokens is None else tokens.gather(1, order),
+                                    state, stepping)
+        change = (out - sub) * (weight.gather(1, order) * real)[..., None]
+        return h.scatter_add(1, index, change), state
+
+    def run_block(self, h: torch.Tensor, embedded: torch.Tensor, tokens: torch.Tensor | None, state,
+                  stepping: bool = False) -> tuple[torch.Tensor, object]:
         if self.shared is not None:
             self.shared.select(self.use)
         if self.depth_embedding is not None:
@@ -163,13 +197,29 @@ class Layer(nn.Module):
 
     def init_state(self, batch: int, max_len: int, device: torch.device, dtype: torch.dtype):
         if self.mixer is None or self.local_group:
-            return None
+            return None if self.depth_router is None else [None] * batch
+        if self.depth_router is not None:
+            return [self.mixer.init_state(1, max_len, device, dtype) for _ in range(batch)]
         return self.mixer.init_state(batch, max_len, device, dtype)
+
+    def rewind(self, before, kept: int) -> tuple[bool, object]:
+        """(True, the state after ``kept`` more positions than ``before``) where that needs no
+        re-run (no mixer, or an attention cache: only its length moves), else (False, None)."""
+        if self.depth_router is not None or self.local_group:
+            return False, None
+        if self.mixer is None:
+            return True, None
+        forget = getattr(self.mixer, "rewind", None)
+        return (True, forget(before, kept)) if forget is not None else (False, None)
 
     def flops(self, batch: int, context: int) -> Flops:
         if self.local_group:
             batch, context = batch * context // self.local_group, self.local_group
         total = Flops()
+        if self.depth_router is not None:
+            # The router on every token; the block on its capacity (training's top-k count per row).
+            total = self.depth_router.flops(batch * context)
+            context = math.ceil(self.depth_router.capacity * context)
         for part in (self.mixer, self.ffn):
             if part is not None:
                 total = total + part.flops(batch, context)
@@ -225,15 +275,20 @@ def build_denseformer(n_layers: int, values: dict, where: str) -> DepthWeightedA
 
 def run_stack(layers: nn.ModuleList, denseformer: DepthWeightedAverage | None, h: torch.Tensor,
               embedded: torch.Tensor, tokens: torch.Tensor | None, states: list | None = None,
-              checkpointing: bool = False) -> tuple[torch.Tensor, list | None]:
+              checkpointing: bool = False, dropout: list[float] | None = None,
+              exits: list | None = None) -> tuple[torch.Tensor, list | None]:
     """h through every layer, in parallel (``states`` None) or extending each layer's decode state,
-    replacing h after each depth by its Denseformer average when there is one."""
+    replacing h after each depth by its Denseformer average when there is one. In training,
+    ``dropout`` gives each depth's LayerSkip layer-dropout rate, and ``exits`` collects h after
+    every depth but the last (model/layerskip.py)."""
     history = [h] if denseformer is not None else None
     new_states = None if states is None else []
     for depth, layer in enumerate(layers):
         if states is not None:
             h, state = layer.step(h, embedded, tokens, states[depth])
             new_states.append(state)
+        elif dropout and dropout[depth] > 0:
+            h = skip_rows(layer, h, embedded, tokens, dropout[depth])
         elif checkpointing:
             # Backward re-runs the layer, regenerating its weights instead of keeping them.
             h = checkpoint(layer, h, embedded, tokens, use_reentrant=False)
@@ -242,4 +297,6 @@ def run_stack(layers: nn.ModuleList, denseformer: DepthWeightedAverage | None, h
         if history is not None:
             history.append(h)
             h = denseformer(depth + 1, history)
+        if exits is not None and depth < len(layers) - 1:
+            exits.append(h)
     return h, new_states

@@ -30,11 +30,13 @@ from seedbed.eval import evaluate_bpb
 from seedbed.fileio import atomic_write_bytes, atomic_write_text
 from seedbed.hardware import fast_bf16
 from seedbed.model import LM, count_parameters
-from seedbed.model.moe import auxiliary_loss, routing_metrics
+from seedbed.model.depths import depth_routing_metrics
+from seedbed.model.moe import routing_metrics
 from seedbed.perf import matmul_peak, training_flops_per_token
 from seedbed.plot import plot_curves
 from seedbed.train.checkpoint import (CHECKPOINT_NAME, load_checkpoint, optimizer_tensors, restore_optimizers,
                                       save_checkpoint)
+from seedbed.train.grokfast import GradFilter
 from seedbed.train.optim import build_optimizers, lr_multiplier
 from seedbed.train.seed_search import SeedSearch
 
@@ -75,6 +77,7 @@ class TrainResult:
     tokens_per_second: float
     mfu: float | None
     params: int
+    val_answer_accuracy: float | None = None  # modular:P data: equations whose answer the argmax gets right
 
 
 def pick_device(name: str, dist_info: Distributed) -> torch.device:
@@ -146,6 +149,7 @@ class Trainer:
         torch.manual_seed(tcfg.seed)
         self.model = LM(cfg.model).to(self.device)
         self.optimizers = build_optimizers(self.model, tcfg)
+        self.grad_filter = GradFilter.from_config(tcfg)
         self.data_rng = torch.Generator().manual_seed(tcfg.seed)
         self.seed_search = SeedSearch(self.model, tcfg.seed_search_candidates, tcfg.seed + 1,
                                       tcfg.seed_search_margin)
@@ -198,6 +202,7 @@ class Trainer:
         tensors["rng.torch"] = torch.get_rng_state()
         tensors["rng.data"] = self.data_rng.get_state()
         tensors.update(self.seed_search.state())
+        tensors.update(self.grad_filter.state())
         meta = {"step": self.step, "tokens_seen": self.tokens_seen, "train_seconds": self.train_seconds,
                 "timed_tokens": self.timed_tokens, "warmup_seconds": self.warmup_seconds,
                 "last_val_bpb": self.last_val_bpb, "world": self.dist.world, "optimizer_groups": groups,
@@ -214,6 +219,7 @@ class Trainer:
         torch.set_rng_state(tensors["rng.torch"])
         self.data_rng.set_state(tensors["rng.data"])
         self.seed_search.restore(tensors)
+        self.grad_filter.restore(tensors, self.device)
         self.step, self.tokens_seen = meta["step"], meta["tokens_seen"]
         self.train_seconds, self.last_val_bpb = meta["train_seconds"], meta["last_val_bpb"]
         self.timed_tokens, self.warmup_seconds = meta["timed_tokens"], meta["warmup_seconds"]
@@ -257,8 +263,9 @@ class Trainer:
                 with self.autocast():
                     logits = self.forward_model(inputs)
                     loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
-                # Auxiliary losses (MoE balance) train the model but stay out of the logged loss.
-                ((loss + auxiliary_loss(self.model)) / tcfg.grad_accum).backward()
+                # Auxiliary losses (MoE balance, depth routing) and early exits train the model but stay out
+                # of the logged loss.
+                (self.model.objective(loss, targets) / tcfg.grad_accum).backward()
             total += loss.detach() / tcfg.grad_accum
         if self.dist.world > 1:
             dist.all_reduce(total, op=dist.ReduceOp.AVG)
@@ -266,6 +273,8 @@ class Trainer:
         if not math.isfinite(loss_value):
             raise TrainingDiverged(f"the loss became {loss_value} at step {self.step + 1}; the last good "
                                    f"checkpoint in {self.run_dir} is left intact (try a lower train.lr / train.matrix_lr)")
+        # Grokfast after the all-reduce (every rank filters the same gradients), before clipping.
+        self.grad_filter.apply(self.model.named_parameters())
         if tcfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), tcfg.grad_clip)
         for opt in self.optimizers:
@@ -296,14 +305,25 @@ class Trainer:
                   "accepted": outcome.accepted})
 
     def evaluate(self, max_tokens: int = 0):
-        """val bpb; a partial eval (``max_tokens``) runs in the training dtype, the full one in fp32,
-        so the final number is the one ``seedbed eval`` reproduces."""
+        """val bpb (and, on modular data, answer accuracy); a partial eval (``max_tokens``) runs in the
+        training dtype, the full one in fp32, so the final number is the one ``seedbed eval`` reproduces."""
         split = self.data.val
         tokens = split.tokens if not max_tokens else split.tokens[:max_tokens]
         n_bytes = split.n_bytes if len(tokens) == len(split.tokens) else len(self.data.tokenizer.decode(tokens))
+        answers = None
+        if split.answers is not None:
+            answers = split.answers[:len(tokens)].copy()
+            if len(tokens) < len(split.tokens) and split.answers[len(tokens)] >= 0:
+                answers[answers == split.answers[len(tokens)]] = -1  # an equation cut in two is not counted
         return evaluate_bpb(self.model, tokens, n_bytes, self.cfg.model.max_seq_len, self.cfg.train.eval_stride,
                             batch_size=self.cfg.train.batch_size, device=self.device,
-                            autocast_dtype=self.autocast_dtype if max_tokens else None)
+                            autocast_dtype=self.autocast_dtype if max_tokens else None, answers=answers)
+
+    def answer_record(self, result) -> dict:
+        """``val_answer_accuracy`` for the metrics, on modular data."""
+        if self.data.val.answers is None:
+            return {}
+        return {"val_answer_accuracy": result.answer_accuracy, "val_answers": result.answers_total}
 
     def sync_clock(self) -> None:
         """All ranks follow rank 0's clock, so they agree on the lr and on when to stop."""
@@ -347,13 +367,15 @@ class Trainer:
                           "lr_mult": lr_multiplier(self.progress_fraction(), self.step, tcfg),
                           "tokens": self.tokens_seen, "train_seconds": round(self.train_seconds, 3),
                           "warmup_seconds": round(self.warmup_seconds, 3),
-                          "tokens_per_second": tok_s, "mfu": self.mfu(tok_s), **routing_metrics(self.model)}
+                          "tokens_per_second": tok_s, "mfu": self.mfu(tok_s), **routing_metrics(self.model), **depth_routing_metrics(self.model)}
                 self.log(record)
                 val = "-" if math.isnan(self.last_val_bpb) else f"{self.last_val_bpb:.3f}"
                 bar.set_postfix_str(f"loss {loss:.3f} | {tok_s:,.0f} tok/s | val bpb {val}")
                 window_tokens, window_seconds = 0, 0.0
             now = time.perf_counter()
-            if now - last_eval >= tcfg.eval_every_seconds and not self.done():
+            eval_due = (self.step % tcfg.eval_every_steps == 0 if tcfg.eval_every_steps
+                        else now - last_eval >= tcfg.eval_every_seconds)
+            if eval_due and not self.done():
                 self.periodic_eval()
                 last_eval = time.perf_counter()
             if (tcfg.checkpoint_every_steps and self.step % tcfg.checkpoint_every_steps == 0) or \
@@ -367,7 +389,8 @@ class Trainer:
         if self.dist.main:
             result = self.evaluate(self.cfg.train.eval_tokens)
             self.last_val_bpb = result.bpb
-            self.log({"step": self.step, "val_bpb_partial": result.bpb, "val_tokens": result.tokens})
+            self.log({"step": self.step, "val_bpb_partial": result.bpb, "val_tokens": result.tokens,
+                      **self.answer_record(result), "train_seconds": round(self.train_seconds, 3)})
         if self.dist.world > 1:
             dist.barrier()
 
@@ -389,12 +412,14 @@ class Trainer:
         in_sync = self.check_ranks_in_sync()
         if not in_sync:
             raise RuntimeError("ranks diverged: their weights differ after training")
-        val_bpb = float("nan")
+        val_bpb, accuracy = float("nan"), None
         if self.dist.main:
             result = self.evaluate()
             val_bpb = self.last_val_bpb = result.bpb
+            accuracy = result.answer_accuracy if self.data.val.answers is not None else None
             tok_s = self.timed_tokens / max(self.train_seconds, 1e-9)
-            self.log({"step": self.step, "val_bpb": val_bpb, "val_tokens": result.tokens, "val_bytes": result.n_bytes,
+            self.log({"step": self.step, "val_bpb": val_bpb, **self.answer_record(result),
+                      "val_tokens": result.tokens, "val_bytes": result.n_bytes,
                       "tokens_per_second_mean": tok_s, "mfu_mean": self.mfu(tok_s), "ranks_in_sync": in_sync,
                       "train_seconds": self.train_seconds, "warmup_seconds": self.warmup_seconds,
                       "world": self.dist.world, "params": count_parameters(self.model)})
@@ -405,4 +430,4 @@ class Trainer:
             dist.destroy_process_group()
         tok_s = self.timed_tokens / max(self.train_seconds, 1e-9)
         return TrainResult(self.run_dir, self.step, self.tokens_seen, self.train_seconds, self.warmup_seconds,
-                           val_bpb, tok_s, self.mfu(tok_s), count_parameters(self.model))
+                           val_bpb, tok_s, self.mfu(tok_s), count_parameters(self.model), accuracy)

@@ -1,0 +1,132 @@
+"""Grokfast (train/grokfast.py): the filters against hand-computed numbers, and in the trainer."""
+
+import json
+import re
+
+import pytest
+import torch
+from torch import nn
+
+from seedbed.config import resolve_config
+from seedbed.errors import UserError
+from seedbed.train.grokfast import GradFilter
+from seedbed.train.trainer import Trainer
+
+from test_train import TINY, seedbed, tiny_config
+
+# Three steps of gradients for a model of two parameters, as exact binary fractions.
+GRADS = [{"w": [1.0, -2.0], "b": [4.0]}, {"w": [3.0, 0.0], "b": [-4.0]}, {"w": [-1.0, 2.0], "b": [8.0]}]
+
+
+class Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros(2))
+        self.b = nn.Parameter(torch.zeros(1))
+
+
+def filtered(grad_filter: GradFilter, steps=GRADS) -> list[dict[str, list[float]]]:
+    """The gradients after the filter, step by step; each step's raw gradient comes from a backward."""
+    model, out = Tiny(), []
+    for grads in steps:
+        model.zero_grad(set_to_none=True)
+        # d/dp of sum(g * p) is g: the backward hands the filter exactly these gradients.
+        loss = (torch.tensor(grads["w"]) * model.w).sum() + (torch.tensor(grads["b"]) * model.b).sum()
+        loss.backward()
+        grad_filter.apply(model.named_parameters())
+        out.append({name: p.grad.tolist() for name, p in model.named_parameters()})
+    return out
+
+
+def test_ema_matches_a_hand_computed_ema():
+    # alpha 0.5, lamb 2; e starts at the first gradient, so e_1 = g_1:
+    # w: e = [1, -2]     -> g' = [1, -2] + 2 [1, -2]     = [3, -6]
+    #    e = [2, -1]     -> g' = [3, 0] + 2 [2, -1]      = [7, -2]
+    #    e = [0.5, 0.5]  -> g' = [-1, 2] + 2 [0.5, 0.5]  = [0, 3]
+    # b: e = 4 -> 12;  e = 0 -> -4;  e = 4 -> 16
+    assert filtered(GradFilter("ema", alpha=0.5, lamb=2.0)) == [
+        {"w": [3.0, -6.0], "b": [12.0]}, {"w": [7.0, -2.0], "b": [-4.0]}, {"w": [0.0, 3.0], "b": [16.0]}]
+
+
+def test_ema_with_the_papers_alpha():
+    # alpha 0.98, lamb 2 on w[0] = 1, 3, -1: e = 1, 1.04, 0.9992; g' = 3, 5.08, 0.9984
+    out = filtered(GradFilter("ema", alpha=0.98, lamb=2.0))
+    assert [step["w"][0] for step in out] == pytest.approx([3.0, 5.08, 0.9984], abs=1e-6)
+
+
+def test_ma_matches_a_hand_computed_windowed_mean():
+    # window 2, lamb 2: step 1 warms up (untouched); then g' = g + 2 * mean(last two raw gradients).
+    # w: [1, -2];  [3, 0] + 2 [2, -1] = [7, -2];  [-1, 2] + 2 [1, 1] = [1, 4]
+    # b: 4;        -4 + 2 * 0 = -4;               8 + 2 * 2 = 12
+    assert filtered(GradFilter("ma", lamb=2.0, window=2)) == [
+        {"w": [1.0, -2.0], "b": [4.0]}, {"w": [7.0, -2.0], "b": [-4.0]}, {"w": [1.0, 4.0], "b": [12.0]}]
+
+
+def test_ma_window_of_three_waits_for_three_gradients():
+    # window 3, lamb 1: steps 1 and 2 untouched, step 3 adds the mean of all three raw gradients.
+    out = filtered(GradFilter("ma", lamb=1.0, window=3))
+    assert out[:2] == GRADS[:2]
+    assert out[2]["w"] == pytest.approx([-1 + 3 / 3, 2 + 0 / 3], abs=1e-6)
+    assert out[2]["b"] == pytest.approx([8 + 8 / 3], abs=1e-6)
+
+
+def test_none_leaves_gradients_untouched():
+    assert filtered(GradFilter("none")) == GRADS
+    assert not GradFilter("none") and GradFilter("none").state() == {}
+
+
+def test_state_round_trips_mid_run():
+    """A filter restored from another's state continues exactly as the original would."""
+    for kind in ("ema", "ma"):
+        original = GradFilter(kind, alpha=0.5, lamb=2.0, window=2)
+        filtered(original, GRADS[:2])
+        restored = GradFilter(kind, alpha=0.5, lamb=2.0, window=2)
+        restored.restore({**original.state(), "model.w": torch.zeros(2)})
+        assert filtered(restored, GRADS[2:]) == filtered(original, GRADS[2:])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.grokfast=sma", "train.grokfast must be none, ema or ma, got 'sma'"),
+    ("train.grokfast_alpha=1.0", "train.grokfast_alpha must be in [0, 1), got 1.0"),
+    ("train.grokfast_lamb=-2", "train.grokfast_lamb must be >= 0, got -2"),
+    ("train.grokfast_window=0", "train.grokfast_window must be positive, got 0"),
+    ("train.grokfast_window=2.5", "train.grokfast_window: expected an integer"),
+    ("train.eval_every_steps=-1", "train.eval_every_steps must be >= 0, got -1"),
+])
+def test_bad_config_values_are_one_line_errors(override, message):
+    with pytest.raises(UserError, match=re.escape(message)) as err:
+        resolve_config("gpt", overrides=[override])
+    assert "\n" not in str(err.value)
+
+
+def trained(corpus, folder, *overrides) -> dict[str, torch.Tensor]:
+    trainer = Trainer(tiny_config(corpus, "train.steps=3", *overrides), folder, progress=False)
+    trainer.run()
+    return {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
+
+
+def test_trainer_filters_and_none_changes_nothing(small_corpus, tmp_path):
+    plain = trained(small_corpus, tmp_path / "plain")
+    # lamb 0 runs the whole filter but adds nothing: the same weights as no filter, bit for bit.
+    silent = trained(small_corpus, tmp_path / "silent", "train.grokfast=ema", "train.grokfast_lamb=0.0")
+    ema = trained(small_corpus, tmp_path / "ema", "train.grokfast=ema")
+    assert all(torch.equal(plain[name], silent[name]) for name in plain)
+    assert any(not torch.equal(plain[name], ema[name]) for name in plain)
+
+
+def test_cli_trains_on_modular_data_and_reports_answer_accuracy(tmp_path):
+    run = tmp_path / "m7"
+    out = seedbed("train", "--data", "modular:7", "--steps", "5", "--out", str(run), "--no-progress",
+                  *TINY, "train.eval_every_steps=2", "train.grokfast=ema")
+    assert out.returncode == 0, out.stderr
+    assert "modular:7: 49 equations a+b=c mod 7" in out.stderr and "val answer accuracy" in out.stdout
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    periodic = [r for r in records if "val_bpb_partial" in r]
+    assert [r["step"] for r in periodic] == [2, 4] and all(r["val_answers"] == 12 for r in periodic)
+    final = records[-1]
+    assert final["step"] == 5 and 0 <= final["val_answer_accuracy"] <= 1 and final["val_answers"] == 12
+    scored = seedbed("eval", str(run))
+    assert scored.returncode == 0, scored.stderr
+    assert f"bpb {final['val_bpb']:.4f}" in scored.stdout
+    assert f"answer accuracy {final['val_answer_accuracy']:.2%} ({round(12 * final['val_answer_accuracy'])} of 12 " \
+           "equations right" in scored.stdout
