@@ -540,7 +540,8 @@ def test_modular_corpus_holds_every_equation_once():
 def test_modular_numbers_are_padded_to_the_width_of_p_minus_1():
     assert all(re.fullmatch(rb"\d\+\d=\d", line) for part in modular_lines("modular:10") for line in part)
     assert all(re.fullmatch(rb"\d{3}\+\d{3}=\d{3}", line) for part in modular_lines("modular:101") for line in part)
-    for spec, line_bytes in [("modular:2", 6), ("modular:10", 6), ("modular:11", 9), ("modular:97", 9), ("modular:101", 12)]:
+    for spec, line_bytes in [("modular:2", 6), ("modular:10", 6), ("modular:11", 9), ("modular:97", 9),
+                             ("modular:101", 12)]:
         data = b"".join(doc.data for doc in load_documents(spec))
         assert {len(line) + 1 for line in data.splitlines()} == {line_bytes}, spec
 

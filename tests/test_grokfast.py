@@ -130,3 +130,22 @@ def test_cli_trains_on_modular_data_and_reports_answer_accuracy(tmp_path):
     assert f"bpb {final['val_bpb']:.4f}" in scored.stdout
     assert f"answer accuracy {final['val_answer_accuracy']:.2%} ({round(12 * final['val_answer_accuracy'])} of 12 " \
            "equations right" in scored.stdout
+
+
+def test_bench_reads_the_first_step_at_99_percent(tmp_path):
+    from seedbed.bench.grokfast import read_row
+
+    records = [{"step": 25, "val_bpb_partial": 2.2, "val_answer_accuracy": 0.5, "train_seconds": 10.0},
+               {"step": 25, "train_loss": 1.0},
+               {"step": 50, "val_bpb_partial": 1.6, "val_answer_accuracy": 0.991, "train_seconds": 20.0},
+               {"step": 75, "val_bpb_partial": 1.5, "val_answer_accuracy": 1.0, "train_seconds": 30.0},
+               {"step": 80, "val_bpb": 1.49, "val_answer_accuracy": 0.998, "train_seconds": 32.0}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    row = read_row("ema", tmp_path)
+    assert (row.first_step, row.first_seconds, row.steps, row.val_accuracy, row.val_bpb) == (50, 20.0, 80, 0.998, 1.49)
+    # The final eval counts too; a run that never gets there has no step.
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records[:2] + records[-1:]))
+    assert read_row("late", tmp_path).first_step == 80
+    records[-1]["val_answer_accuracy"] = 0.9
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records[:2] + records[-1:]))
+    assert read_row("none", tmp_path).first_step is None

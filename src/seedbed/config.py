@@ -227,7 +227,8 @@ class TrainConfig:
         require(0 <= self.min_lr_frac <= 1, f"{where}.min_lr_frac must be in [0, 1]")
         require(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, f"{where}.beta1 and beta2 must be in [0, 1)")
         require(0 <= self.momentum < 1, f"{where}.momentum must be in [0, 1)")
-        require(self.grokfast in ("none", "ema", "ma"), f"{where}.grokfast must be none, ema or ma, got {self.grokfast!r}")
+        require(self.grokfast in ("none", "ema", "ma"),
+                f"{where}.grokfast must be none, ema or ma, got {self.grokfast!r}")
         require(0 <= self.grokfast_alpha < 1, f"{where}.grokfast_alpha must be in [0, 1), got {self.grokfast_alpha}")
         require(self.grokfast_window > 0, f"{where}.grokfast_window must be positive, got {self.grokfast_window}")
 

@@ -2,16 +2,18 @@
 
 Four registries make up a model:
 
-- ``mixer``: mixes information across positions (attention now; retention, Mamba-2,
-  hourglass and multi-channel attention later). A mixer module implements
+- ``mixer``: mixes information across positions (attention, retention, Mamba-2, an
+  hourglass stage, multi-channel attention). A mixer module implements
   ``forward(x)`` (parallel, causal), ``init_state(batch, max_len)`` and
   ``step(x, state) -> (y, state)`` that extends the sequence by ``x.shape[1]``
-  positions using its cache or recurrent state.
-- ``ffn``: transforms each position (MLP now; KAN, mixture of experts, modulo experts,
-  PEER later). ``forward(x, tokens)`` receives the input token ids too, so experts
+  positions using its cache or recurrent state. A step never changes what a state already
+  holds (it writes past the positions held, or replaces tensors), so a copy of the state's
+  containers is a snapshot: self-speculative decoding rewinds with it (``layerskip.py``).
+- ``ffn``: transforms each position (MLP, KAN, mixture of experts, modulo experts,
+  PEER). ``forward(x, tokens)`` receives the input token ids too, so experts
   routed by token id (GERMINATOR) need nothing extra.
-- ``linear``: how a weight matrix is stored and produced (dense now; BitLinear,
-  seed-generated, frozen-orthogonal + LoRA later). Built by ``make_linear``.
+- ``linear``: how a weight matrix is stored and produced (dense, BitLinear,
+  seed-generated, frozen orthogonal or Gaussian bases + LoRA). Built by ``make_linear``.
 - ``norm``: RMSNorm and friends.
 
 Each component declares an ``Options`` dataclass. Config keys are checked against it,

@@ -83,7 +83,8 @@ def parse_modular(spec: str) -> Modular | None:
         try:
             fraction = float(parts[1])
         except ValueError:
-            raise UserError(f"data {spec!r}: the train fraction F must be a number, got {parts[1]!r}; {USAGE}") from None
+            raise UserError(f"data {spec!r}: the train fraction F must be a number, got {parts[1]!r}; "
+                            f"{USAGE}") from None
         if not 0 < fraction < 1:
             raise UserError(f"data {spec!r}: the train fraction F must be in (0, 1), got {fraction:g}")
     modular = Modular(modulus, fraction)
