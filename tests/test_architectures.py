@@ -2,14 +2,12 @@
 
 import json
 
+from preset_checks import HAMLET, check_learns_and_packs_exactly
 from test_train import seedbed
 
 from seedbed.codec import artifact_digest, compress_bytes, decompress_bytes
-from seedbed.loaded import LoadedModel
-from seedbed.model import LM
 from seedbed.pack.artifact import QuantRule
 from seedbed.pack.pack import load_artifact, pack_model
-from seedbed.runs import load
 
 SMALLER = ["model.n_layers=4", "train.batch_size=8"]  # one Mamba-2 triple and one use of the routed block
 
@@ -28,16 +26,10 @@ def test_the_architectures_preset_trains_packs_compresses_and_drafts_exactly(tmp
     assert routed and all(abs(r["mod_picked_fraction"] - 0.25) < 1e-9 for r in routed)  # top-k in training
     assert all(0 <= r["mod_disagreement"] <= 1 for r in routed)
 
-    loaded = load(run)
-    text = (b"HAMLET. To be, or not to be, that is the question:\nWhether 'tis nobler in the mind to suffer\n"
-            b"The slings and arrows of outrageous fortune,\n") * 12
-    exact = load_artifact(pack_model(loaded, tmp_path / "fp32.seedbed", QuantRule.parse("fp32")).path)
-    assert exact.evaluate(text).bpb == loaded.evaluate(text).bpb
-    untrained = LoadedModel(LM(loaded.model.cfg).eval(), loaded.config, loaded.tokenizer, run)
-    assert loaded.evaluate(text).bpb < untrained.evaluate(text).bpb - 1.0
+    loaded = check_learns_and_packs_exactly(run, tmp_path)
     path = pack_model(loaded, tmp_path / "int8.seedbed", QuantRule.parse("int8")).path
     artifact, digest = load_artifact(path), artifact_digest(path)
-    verse = text[:len(text) // 3]  # coding steps token by token: a shorter text keeps the test quick
+    verse = HAMLET[:len(HAMLET) // 3]  # coding steps token by token: a shorter text keeps the test quick
     blob, stats = compress_bytes(artifact, digest, verse, streams=4)
     assert decompress_bytes(artifact, digest, blob)[0] == verse
     # The payload is the model's bits plus at most each stream's final coder state (64 bits).

@@ -207,25 +207,19 @@ def test_the_hourglass_preset_trains_packs_and_compresses_byte_exactly(tmp_path)
     compresses and decompresses byte-exactly at the bpb it evaluates to."""
     from test_train import seedbed
 
+    from preset_checks import HAMLET, check_learns_and_packs_exactly
+
     from seedbed.codec import artifact_digest, compress_bytes, decompress_bytes
-    from seedbed.loaded import LoadedModel
     from seedbed.pack.artifact import QuantRule
     from seedbed.pack.pack import load_artifact, pack_model
-    from seedbed.runs import load
 
     run = tmp_path / "run"
     out = seedbed("train", "--preset", "hourglass", "--steps", "25", "--out", str(run), "--no-progress",
                   *SHALLOW_HOURGLASS)
     assert out.returncode == 0, out.stderr
-    loaded = load(run)
-    text = (b"HAMLET. To be, or not to be, that is the question:\nWhether 'tis nobler in the mind to suffer\n"
-            b"The slings and arrows of outrageous fortune,\n") * 12
-    exact = load_artifact(pack_model(loaded, tmp_path / "fp32.seedbed", QuantRule.parse("fp32")).path)
-    assert exact.evaluate(text).bpb == loaded.evaluate(text).bpb
-    untrained = LoadedModel(LM(loaded.model.cfg).eval(), loaded.config, loaded.tokenizer, run)
-    assert loaded.evaluate(text).bpb < untrained.evaluate(text).bpb - 1.0
-    path = pack_model(load(run), tmp_path / "int8.seedbed", QuantRule.parse("int8")).path
+    loaded = check_learns_and_packs_exactly(run, tmp_path)
+    path = pack_model(loaded, tmp_path / "int8.seedbed", QuantRule.parse("int8")).path
     artifact, digest = load_artifact(path), artifact_digest(path)
-    blob, stats = compress_bytes(artifact, digest, text)
-    assert decompress_bytes(artifact, digest, blob)[0] == text
-    assert abs(stats.bpb / artifact.evaluate(text).bpb - 1) < 0.01
+    blob, stats = compress_bytes(artifact, digest, HAMLET)
+    assert decompress_bytes(artifact, digest, blob)[0] == HAMLET
+    assert abs(stats.bpb / artifact.evaluate(HAMLET).bpb - 1) < 0.01

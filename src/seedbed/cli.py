@@ -116,8 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("suite", choices=("train", "codec", "seeds", "mixkabrn", "hybrid", "hourglass", "peer",
                                           "grokfast", "architectures"))
     bench.add_argument("--minutes", type=positive_float, default=10.0,
-                       help="train: budget for the bpb row; seeds, mixkabrn, hybrid, hourglass, grokfast, architectures: training "
-                            "budget of every model")
+                       help="train: budget for the bpb row; seeds, mixkabrn, hybrid, hourglass, grokfast, "
+                            "architectures: training budget of every model")
     bench.add_argument("--artifact", help="codec: the packed model to compress with")
     bench.add_argument("--variant", action="append", metavar="'NAME: key=value ...'",
                        help="train: a variant of the default preset to time and train beside the others (repeat)")
@@ -194,9 +194,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    from seedbed.runs import load
-
     from seedbed.model.layerskip import DraftStats
+    from seedbed.runs import load
 
     loaded = load(args.run)
     stats = DraftStats()

@@ -23,6 +23,7 @@ from seedbed.registry import build_dataclass, require
 SHARES = ("none", "ffn", "mixer", "block")
 BLOCK_INPUTS = ("hidden", "hidden+embedding")
 SCOPES = ("global", "local")
+GROKFAST_KINDS = ("none", "ema", "ma")  # train.grokfast: train/grokfast.py
 # A block every plan may name without defining it: attention + MLP at the model's linear and norm
 # kinds (what an hourglass's inner plan runs unless told otherwise). ``blocks.transformer`` overrides it.
 BUILTIN_BLOCKS = {"transformer": {"mixer": {"kind": "attention"}, "ffn": {"kind": "mlp"}}}
@@ -227,7 +228,7 @@ class TrainConfig:
         require(0 <= self.min_lr_frac <= 1, f"{where}.min_lr_frac must be in [0, 1]")
         require(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, f"{where}.beta1 and beta2 must be in [0, 1)")
         require(0 <= self.momentum < 1, f"{where}.momentum must be in [0, 1)")
-        require(self.grokfast in ("none", "ema", "ma"),
+        require(self.grokfast in GROKFAST_KINDS,
                 f"{where}.grokfast must be none, ema or ma, got {self.grokfast!r}")
         require(0 <= self.grokfast_alpha < 1, f"{where}.grokfast_alpha must be in [0, 1), got {self.grokfast_alpha}")
         require(self.grokfast_window > 0, f"{where}.grokfast_window must be positive, got {self.grokfast_window}")

@@ -90,8 +90,8 @@ def active_parameters(model: LM) -> float:
         total += sum(p.numel() for p in model.head.parameters())
     for layer in model.blocks:
         parts = [getattr(layer, name) for name in ("mixer", "ffn", "input_proj")]
-        modules = [layer] + [part for part in parts if part is not None and layer.shared is not None
-                             and any(part is getattr(layer.shared, n, None) for n in ("mixer", "ffn", "input_proj"))]
+        # A layer's own parameters, and the shared parts it uses (registered once, under LM.shared).
+        modules = [layer] if layer.shared is None else [layer, layer.shared]
         router = layer.depth_router
         block = sum(p.numel() for m in modules for p in m.parameters())
         block -= 0 if router is None else sum(p.numel() for p in router.parameters())

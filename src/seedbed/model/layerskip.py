@@ -43,6 +43,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from seedbed.model.sampling import filtered_probs, sample
 from seedbed.registry import require
 
 
@@ -84,23 +85,6 @@ def skip_rows(layer, h: torch.Tensor, embedded: torch.Tensor, tokens: torch.Tens
     return h.index_copy(0, rows, out)
 
 
-def filtered_probs(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
-    """The distribution sampling draws from: logits / temperature, then top-k, then the nucleus
-    (the smallest prefix of the sorted probabilities whose mass reaches top_p, at least one token)."""
-    logits = logits.float() / temperature
-    if 0 < top_k < logits.numel():
-        kth = torch.topk(logits, top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = logits.softmax(-1)
-    if top_p < 1.0:
-        sorted_probs, order = probs.sort(descending=True)
-        outside = sorted_probs.cumsum(-1) - sorted_probs >= top_p
-        sorted_probs[outside] = 0
-        probs = torch.zeros_like(probs).scatter(0, order, sorted_probs)
-        probs = probs / probs.sum()
-    return probs
-
-
 def accept_or_replace(p: torch.Tensor, q: torch.Tensor, draft: int,
                       generator: torch.Generator | None) -> tuple[bool, int]:
     """Speculative sampling of one drafted token ``draft`` ~ q against the target distribution p:
@@ -139,23 +123,21 @@ class SelfSpeculative:
     """Decoding with the first ``draft_layers`` layers as the draft model; see the module docstring."""
 
     def __init__(self, model, draft_layers: int, draft_tokens: int, temperature: float, top_k: int, top_p: float,
-                 generator: torch.Generator | None):
+                 generator: torch.Generator | None, stats: DraftStats | None = None):
         n_layers = len(model.blocks)
         require(0 < draft_layers < n_layers,
-                f"--draft-layers must be between 1 and {n_layers - 1} (the model has {n_layers} layers), got {draft_layers}")
+                f"--draft-layers must be between 1 and {n_layers - 1} (the model has {n_layers} layers), "
+                f"got {draft_layers}")
         require(draft_tokens > 0, f"--draft-tokens must be positive, got {draft_tokens}")
         require(model.denseformer is None,
                 "--draft-layers: this model averages over depths (Denseformer), so its later layers need "
                 "every earlier layer's output; self-speculative decoding does not support it")
         self.model, self.draft_layers, self.draft_tokens = model, draft_layers, draft_tokens
         self.temperature, self.top_k, self.top_p, self.generator = temperature, top_k, top_p, generator
-        self.stats = DraftStats()
+        self.stats = stats if stats is not None else DraftStats()
 
     def choose(self, logits: torch.Tensor) -> int:
-        if self.temperature == 0:
-            return int(logits.argmax())
-        probs = filtered_probs(logits, self.temperature, self.top_k, self.top_p)
-        return int(torch.multinomial(probs.cpu(), 1, generator=self.generator))
+        return sample(logits, self.temperature, self.top_k, self.top_p, self.generator)
 
     def prefill(self, tokens: list[int]) -> tuple[torch.Tensor, list]:
         model, window = self.model, self.model.cfg.max_seq_len

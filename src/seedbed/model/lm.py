@@ -19,8 +19,8 @@ from seedbed.model import (attention, bitlinear, hourglass, kan, mamba2, mlp, mo
 from seedbed.config import ModelConfig
 from seedbed.hardware import return_large_frees_to_the_system
 from seedbed.model.layers import BuildContext
-from seedbed.model.layerskip import (DraftStats, SelfSpeculative, early_exit_objective, filtered_probs,
-                                     layer_dropout_rates)
+from seedbed.model.layerskip import DraftStats, SelfSpeculative, early_exit_objective, layer_dropout_rates
+from seedbed.model.sampling import sample
 from seedbed.model.seeded import SeedCache
 from seedbed.model.stack import Layer, SharedParts, build_denseformer, build_stack, run_stack
 from seedbed.registry import require
@@ -115,9 +115,7 @@ class LM(nn.Module):
         require(top_k >= 0, f"top-k must be >= 0, got {top_k}")
         require(0 < top_p <= 1, f"top-p must be in (0, 1], got {top_p}")
         if draft_layers:
-            decoder = SelfSpeculative(self, draft_layers, draft_tokens, temperature, top_k, top_p, generator)
-            if stats is not None:
-                decoder.stats = stats
+            decoder = SelfSpeculative(self, draft_layers, draft_tokens, temperature, top_k, top_p, generator, stats)
             yield from decoder.generate(prompt, max_new_tokens)
             return
         device = self.embed.weight.device
@@ -135,15 +133,6 @@ class LM(nn.Module):
                 logits, state = self.step(torch.tensor([history], device=device), state)
             else:
                 logits, state = self.step(torch.tensor([[token]], device=device), state)
-
-
-def sample(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
-           generator: torch.Generator | None) -> int:
-    """Draw one token from float logits (V,) with temperature, top-k and nucleus filtering."""
-    if temperature == 0:
-        return int(logits.argmax())
-    probs = filtered_probs(logits, temperature, top_k, top_p)
-    return int(torch.multinomial(probs.cpu(), 1, generator=generator))
 
 
 def count_parameters(model: nn.Module) -> int:

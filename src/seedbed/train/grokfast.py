@@ -33,9 +33,8 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from seedbed.config import TrainConfig
+from seedbed.config import GROKFAST_KINDS, TrainConfig
 
-KINDS = ("none", "ema", "ma")
 PREFIX = "grokfast."
 
 
@@ -43,8 +42,8 @@ class GradFilter:
     """The Grokfast gradient filter of one run; ``kind='none'`` does nothing."""
 
     def __init__(self, kind: str = "none", alpha: float = 0.98, lamb: float = 2.0, window: int = 100):
-        if kind not in KINDS:
-            raise ValueError(f"grokfast kind must be one of {', '.join(KINDS)}, got {kind!r}")
+        if kind not in GROKFAST_KINDS:
+            raise ValueError(f"grokfast kind must be one of {', '.join(GROKFAST_KINDS)}, got {kind!r}")
         self.kind, self.alpha, self.lamb, self.window = kind, alpha, lamb, window
         self.ema: dict[str, torch.Tensor] = {}  # ema: e per parameter
         self.buffers: dict[str, torch.Tensor] = {}  # ma: (window, *shape) ring buffer per parameter

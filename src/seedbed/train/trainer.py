@@ -367,7 +367,8 @@ class Trainer:
                           "lr_mult": lr_multiplier(self.progress_fraction(), self.step, tcfg),
                           "tokens": self.tokens_seen, "train_seconds": round(self.train_seconds, 3),
                           "warmup_seconds": round(self.warmup_seconds, 3),
-                          "tokens_per_second": tok_s, "mfu": self.mfu(tok_s), **routing_metrics(self.model), **depth_routing_metrics(self.model)}
+                          "tokens_per_second": tok_s, "mfu": self.mfu(tok_s), **routing_metrics(self.model),
+                          **depth_routing_metrics(self.model)}
                 self.log(record)
                 val = "-" if math.isnan(self.last_val_bpb) else f"{self.last_val_bpb:.3f}"
                 bar.set_postfix_str(f"loss {loss:.3f} | {tok_s:,.0f} tok/s | val bpb {val}")
