@@ -25,9 +25,9 @@ def artifact(tiny_model, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def long_text():
-    """Over 200 kB of held-out Shakespeare (the default val split)."""
+    """Over 100 kB of held-out Shakespeare (the default val split)."""
     _, val, _ = split_documents(load_documents("default"))
-    return b"".join(doc.data for doc in val)[:220_000]
+    return b"".join(doc.data for doc in val)[:110_000]
 
 
 def round_trip(artifact, data: bytes, **kwargs) -> tuple[bytes, object]:

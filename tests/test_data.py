@@ -557,6 +557,29 @@ def test_modular_split_is_fixed_and_follows_the_fraction():
     assert modular_lines("modular:97:0.3")[0][:2823] == train[:2823]
 
 
+def test_modular_bytes_form_writes_each_number_as_one_byte():
+    train, val, test = modular_lines("modular:97:0.3:bytes")
+    digits = modular_lines("modular:97:0.3")
+    assert [len(part) for part in (train, val, test)] == [len(part) for part in digits]
+    for line, digit_line in zip(train[:3000] + val + test, digits[0][:3000] + digits[1] + digits[2], strict=True):
+        a, b, c = (n - 0x80 for n in line[0:5:2])
+        assert line[1:2] == b"+" and line[3:4] == b"=" and len(line) == 5 and c == (a + b) % 97
+        assert digit_line == f"{a:02d}+{b:02d}={c:02d}".encode()  # the same equations in the same order
+
+
+def test_modular_bytes_form_marks_one_answer_token_per_equation():
+    dataset = load_dataset("modular:11:bytes")
+    assert "(bytes, 6 bytes each;" in dataset.description
+    text = dataset.val.tokens.astype(np.uint8).tobytes()
+    assert (dataset.val.answers >= 0).sum() == len(text.splitlines())
+    assert dataset.val.tokens[dataset.val.answers >= 0].tolist() == [line[4] for line in text.splitlines()]
+
+
+def test_modular_bytes_form_needs_byte_tokens():
+    with pytest.raises(UserError, match="writes numbers as single bytes, which are not UTF-8 text"):
+        load_dataset("modular:11:bytes", tokenizer="sp")
+
+
 def test_a_large_modular_train_text_holds_fewer_orders():
     from seedbed.data.modular import TRAIN_TEXT_BYTES, parse_modular, train_orders
 
@@ -575,6 +598,8 @@ def test_a_large_modular_train_text_holds_fewer_orders():
     ("modular:97:1.5", "the train fraction F must be in (0, 1), got 1.5"),
     ("modular:97:half", "the train fraction F must be a number, got 'half'"),
     ("modular:97:0.5:1", "is not a modular spec"),
+    ("modular:97:bytes:0.5", "is not a modular spec"),
+    ("modular:129:bytes", "P must be at most 128, got 129"),
     ("modular:2:0.9", "leave a split empty"),
 ])
 def test_bad_modular_specs_are_one_line_user_errors(spec, message):
@@ -585,7 +610,7 @@ def test_bad_modular_specs_are_one_line_user_errors(spec, message):
 
 def test_modular_dataset_marks_the_answer_tokens():
     dataset = load_dataset("modular:97")
-    assert dataset.description.startswith("modular:97: 9,409 equations a+b=c mod 97 (9 bytes each; "
+    assert dataset.description.startswith("modular:97: 9,409 equations a+b=c mod 97 (digits, 9 bytes each; "
                                           "train 4,704 in 16 orders / val 2,352 / test 2,353)")
     for split in (dataset.train, dataset.val, dataset.test):
         text = split.tokens.astype(np.uint8).tobytes()

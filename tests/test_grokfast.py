@@ -132,17 +132,46 @@ def test_cli_trains_on_modular_data_and_reports_answer_accuracy(tmp_path):
            "equations right" in scored.stdout
 
 
+def modular_trainer(folder, spec: str, *overrides: str) -> Trainer:
+    return Trainer(tiny_config(spec, *overrides), folder, progress=False)
+
+
+def test_loss_on_answers_keeps_only_the_answer_targets(tmp_path):
+    trainer = modular_trainer(tmp_path / "run", "modular:11:bytes", "train.loss_on=answers", "train.steps=4")
+    inputs, targets = trainer.batch()
+    kept = targets != -100
+    # In the bytes form an answer is the one byte after '=': exactly the kept targets.
+    assert torch.equal(kept, inputs == ord("="))
+    assert bool((targets[kept] >= 0x80).all()) and int(kept.sum()) >= 5 * inputs.shape[0]
+    _, every = modular_trainer(tmp_path / "all", "modular:11:bytes").batch()
+    assert bool((every != -100).all())
+    result = trainer.run()  # the loss over answers alone trains and is logged as bits per answer
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert result.steps > 0 and any("train_answer_bits" in r for r in records)
+    assert not any("train_bpb" in r for r in records)
+
+
+@pytest.mark.parametrize("spec, overrides, message", [
+    ("modular:11", ["model.max_seq_len=7"], "needs model.max_seq_len >= 8 (tokens from one answer to the next), got 7"),
+    ("default", [], "train.loss_on=answers needs modular:P data"),
+])
+def test_loss_on_answers_needs_answers_in_every_window(tmp_path, spec, overrides, message):
+    with pytest.raises(UserError, match=re.escape(message)):
+        modular_trainer(tmp_path / "run", spec, "train.loss_on=answers", *overrides)
+
+
 def test_bench_reads_the_first_step_at_99_percent(tmp_path):
     from seedbed.bench.grokfast import read_row
 
     records = [{"step": 25, "val_bpb_partial": 2.2, "val_answer_accuracy": 0.5, "train_seconds": 10.0},
-               {"step": 25, "train_loss": 1.0},
+               {"step": 25, "train_loss": 1.0, "train_answer_bits": 1.44},
                {"step": 50, "val_bpb_partial": 1.6, "val_answer_accuracy": 0.991, "train_seconds": 20.0},
                {"step": 75, "val_bpb_partial": 1.5, "val_answer_accuracy": 1.0, "train_seconds": 30.0},
                {"step": 80, "val_bpb": 1.49, "val_answer_accuracy": 0.998, "train_seconds": 32.0}]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     row = read_row("ema", tmp_path)
-    assert (row.first_step, row.first_seconds, row.steps, row.val_accuracy, row.val_bpb) == (50, 20.0, 80, 0.998, 1.49)
+    assert (row.first_step, row.first_seconds, row.steps, row.val_accuracy, row.val_bpb, row.train_answer_bits) == \
+        (50, 20.0, 80, 0.998, 1.49, 1.44)
     # The final eval counts too; a run that never gets there has no step.
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records[:2] + records[-1:]))
     assert read_row("late", tmp_path).first_step == 80

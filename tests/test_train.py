@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from seedbed.config import resolve_config
+from seedbed.data import load_documents
 from seedbed.errors import UserError
 from seedbed.train.checkpoint import load_checkpoint
 from seedbed.train.trainer import Trainer, TrainingDiverged
@@ -177,10 +178,12 @@ def test_cli_train_eval_generate_on_default_corpus(tmp_path):
 
 
 @pytest.mark.parametrize("preset", ["golf-gpt", "golf-seeded"])
-def test_golf_presets_train_with_sentencepiece(preset, tmp_path):
-    """The golf shape (GQA 8/4, LeakyReLU(0.5)^2, SentencePiece 1024) trains and samples, shrunk in depth."""
+def test_golf_presets_train_with_sentencepiece(preset, tmp_path, small_corpus):
+    """The golf shape (GQA 8/4, LeakyReLU(0.5)^2, SentencePiece 1024) trains and samples, shrunk in depth
+    (on 72 kB of Shakespeare: the full val split at width 512 would take most of the test's time)."""
     run = tmp_path / "golf"
-    out = seedbed("train", "--preset", preset, "--steps", "2", "--out", str(run), "--no-progress",
+    out = seedbed("train", "--preset", preset, "--steps", "2", "--data", str(small_corpus), "--out", str(run),
+                  "--no-progress",
                   "model.n_layers=1", "model.max_seq_len=128", "train.batch_size=2", "train.eval_stride=128")
     assert out.returncode == 0, out.stderr
     assert "sp (vocab 1024)" in out.stderr and (run / "tokenizer.model").is_file()
@@ -214,10 +217,13 @@ def test_cli_lists_presets():
     assert out.returncode == 0 and "gpt " in out.stdout and "golf-gpt" in out.stdout
 
 
-def test_mixkabrn_preset_trains_and_packs_ternary_under_a_megabyte(small_corpus, tmp_path):
+def test_mixkabrn_preset_trains_and_packs_ternary_under_a_megabyte(tmp_path):
     """The full-size preset: retention, MoE of KAN experts, ternary linears; packed within a 1 MB budget."""
-    run, artifact = tmp_path / "mix", tmp_path / "mix.seedbed"
-    out = seedbed("train", "--preset", "mixkabrn", "--steps", "2", "--data", str(small_corpus), "--out", str(run),
+    run, artifact, corpus = tmp_path / "mix", tmp_path / "mix.seedbed", tmp_path / "corpus"
+    corpus.mkdir()
+    for doc in load_documents("default")[:6]:  # 3 kB each: the preset scores slowly (the run and pack both do)
+        (corpus / doc.name).write_bytes(doc.data[:3000])
+    out = seedbed("train", "--preset", "mixkabrn", "--steps", "2", "--data", str(corpus), "--out", str(run),
                   "--no-progress", "train.batch_size=2", "train.dtype=fp32")
     assert out.returncode == 0, out.stderr
     packed = seedbed("pack", str(run), "-o", str(artifact), "--budget", "1000000")

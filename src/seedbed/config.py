@@ -207,6 +207,9 @@ class TrainConfig:
     grokfast_alpha: float = 0.98
     grokfast_lamb: float = 2.0
     grokfast_window: int = 100
+    # What the training loss averages over: every next token, or (modular:P data) only the answer
+    # tokens, as grokking was studied; evaluation scores every token either way.
+    loss_on: str = "all"  # all | answers
 
     def check(self, where: str) -> None:
         for name in ("batch_size", "grad_accum", "log_every"):
@@ -232,6 +235,7 @@ class TrainConfig:
                 f"{where}.grokfast must be none, ema or ma, got {self.grokfast!r}")
         require(0 <= self.grokfast_alpha < 1, f"{where}.grokfast_alpha must be in [0, 1), got {self.grokfast_alpha}")
         require(self.grokfast_window > 0, f"{where}.grokfast_window must be positive, got {self.grokfast_window}")
+        require(self.loss_on in ("all", "answers"), f"{where}.loss_on must be all or answers, got {self.loss_on!r}")
 
 
 @dataclass

@@ -1,8 +1,9 @@
 """``seedbed bench architectures``: the Architectures seed's parts side by side at equal wall-clock.
 
 gpt, zamba, zamba with mixture of depths, with MoDE (staged), with PEER, and the
-``architectures`` preset each train for the same minutes on the default corpus in a fresh process,
-are packed with the default int8 rule, and the packed artifact is measured:
+``architectures`` preset alone, with LayerSkip's training and with Grokfast (ema) each train
+for the same minutes on the default corpus in a fresh process, are packed with the default
+int8 rule, and the packed artifact is measured:
 
 - val bpb at the training context, and on the split's first 65,536 tokens at 1x, 4x and 16x it
   (the seed's "long context window");
@@ -45,6 +46,7 @@ from seedbed.runs import load
 ROUTED = 'model.blocks.attn.mixture_of_depths={capacity=0.25}'
 MOE = 'model.blocks.attn.ffn={kind="moe", n_routed=8, n_shared=1, top_k=2, expert_mult=0.5}'
 PEER = 'model.blocks.attn.ffn={kind="peer", n_experts=65536, heads=4, top_k=8}'
+LAYERSKIP = ["model.early_exit_loss=0.2", "model.layer_dropout=0.1"]
 ROWS = [
     ("gpt", "gpt", []),
     ("zamba", "zamba", []),
@@ -52,6 +54,8 @@ ROWS = [
     ("zamba + MoDE", "zamba", [ROUTED, MOE]),
     ("zamba + PEER", "zamba", [PEER]),
     ("architectures", "architectures", []),
+    ("architectures + LayerSkip", "architectures", LAYERSKIP),
+    ("architectures + Grokfast", "architectures", ["train.grokfast=ema"]),  # alpha 0.98, lamb 2
 ]
 CONTEXT_FACTORS = (4, 16)
 LONG_CONTEXT_TOKENS = 65536  # the long-context columns score the val split's first tokens (at 1x too)

@@ -56,6 +56,10 @@ def load_dataset(spec: str = "default", tokenizer: str = "bytes", vocab_size: in
         if not folder:
             raise UserError("shards: needs a folder, e.g. shards:data/my_shards")
         return _load_shard_dataset(Path(folder).expanduser(), spec, tokenizer)
+    modular = parse_modular(spec)
+    if modular is not None and modular.form == "bytes" and tokenizer != "bytes":
+        raise UserError(f"data {spec!r} writes numbers as single bytes, which are not UTF-8 text; "
+                        f"train it with data.tokenizer=\"bytes\", not {tokenizer!r}")
     split_docs = load_splits(spec)
     docs = [doc for part in split_docs for doc in part]
     if tokenizer != "bytes":
@@ -64,7 +68,6 @@ def load_dataset(spec: str = "default", tokenizer: str = "bytes", vocab_size: in
             decode_utf8(doc.data, doc.name)
     chosen = make_tokenizer(tokenizer, split_docs[0], vocab_size)
     train, val, test = (_encode_split(part, chosen) for part in split_docs)
-    modular = parse_modular(spec)
     if modular is not None:
         for split in (train, val, test):
             split.answers = answer_tokens(chosen.byte_lengths(split.tokens), modular)

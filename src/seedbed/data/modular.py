@@ -1,8 +1,14 @@
-"""``modular:P[:F]``: modular addition as text, the task grokking was found on (Power et al. 2022).
+"""``modular:P[:F][:FORM]``: modular addition as text, the task grokking was found on (Power et al. 2022).
 
 The corpus is every equation ``a+b=c`` with a, b in [0, P) and c = (a + b) mod P, one per
-line, each number zero-padded to the width of P - 1, so every line has the same length
-(``05+13=18\\n`` for P = 97) and, with byte tokens, every answer the same number of tokens.
+line, every line the same length. FORM says how a number is written:
+
+- ``digits`` (the default): zero-padded to the width of P - 1 (``05+13=18\\n`` for P = 97),
+  readable, but an answer digit depends on no single input digit, so a small model
+  learns it far more slowly than the paper's task;
+- ``bytes``: one byte per number, 0x80 + n (P <= 128), so that with byte tokens every
+  number is one token, as in the paper (``\\x85+\\x8d=\\x92\\n``). Not UTF-8: byte tokens only.
+
 The P^2 equations are shuffled by a fixed counter-based hash (``seeds.random_bits``: the
 same order on every machine and in every version) and cut in that order: the first
 fraction F (default 0.5) is train, the rest is halved into val and test (test takes the
@@ -37,18 +43,24 @@ TRAIN_ORDERS = 16
 TRAIN_TEXT_BYTES = 8_000_000
 DEFAULT_TRAIN_FRACTION = 0.5
 SHUFFLE_SEED = 0x6D6F64756C6172  # b"modular"
-USAGE = "write modular:P or modular:P:F, e.g. modular:97 or modular:97:0.3"
+FORMS = ("digits", "bytes")
+BYTE_FORM_OFFSET = 0x80  # the byte of number n in the bytes form: above ASCII, so never '+', '=' or a newline
+USAGE = "write modular:P[:F][:digits|bytes], e.g. modular:97, modular:97:0.3 or modular:97:bytes"
 
 
 @dataclass(frozen=True)
 class Modular:
     modulus: int
     train_fraction: float = DEFAULT_TRAIN_FRACTION
+    form: str = "digits"
 
     @property
     def width(self) -> int:
-        """Digits of every number: those of P - 1."""
-        return len(str(self.modulus - 1))
+        """Bytes of every number: the digits of P - 1, or one in the bytes form."""
+        return 1 if self.form == "bytes" else len(str(self.modulus - 1))
+
+    def number(self, n: int) -> bytes:
+        return bytes([BYTE_FORM_OFFSET + n]) if self.form == "bytes" else f"{n:0{self.width}d}".encode()
 
     @property
     def line_bytes(self) -> int:
@@ -66,10 +78,13 @@ class Modular:
 
 
 def parse_modular(spec: str) -> Modular | None:
-    """The ``modular:P[:F]`` spec's numbers; None for any other spec; a UserError for a bad one."""
+    """The ``modular:P[:F][:FORM]`` spec's numbers; None for any other spec; a UserError for a bad one."""
     if not spec.startswith(PREFIX):
         return None
     parts = spec[len(PREFIX):].split(":")
+    form = "digits"
+    if len(parts) > 1 and parts[-1] in FORMS:
+        form = parts.pop()
     if len(parts) > 2 or not parts[0]:
         raise UserError(f"data {spec!r} is not a modular spec: {USAGE}")
     try:
@@ -87,7 +102,10 @@ def parse_modular(spec: str) -> Modular | None:
                             f"{USAGE}") from None
         if not 0 < fraction < 1:
             raise UserError(f"data {spec!r}: the train fraction F must be in (0, 1), got {fraction:g}")
-    modular = Modular(modulus, fraction)
+    if form == "bytes" and modulus > 256 - BYTE_FORM_OFFSET:
+        raise UserError(f"data {spec!r}: the bytes form writes a number as one byte from 0x80, so P must be "
+                        f"at most {256 - BYTE_FORM_OFFSET}, got {modulus}; use the digits form")
+    modular = Modular(modulus, fraction, form)
     if min(modular.split_sizes()) < 1:
         raise UserError(f"data {spec!r}: {modulus}^2 equations leave a split empty at train fraction {fraction:g}; "
                         "use a larger P or a fraction nearer 0.5")
@@ -104,8 +122,8 @@ def shuffled_pairs(modular: Modular) -> np.ndarray:
 
 def equations(pairs: np.ndarray, modular: Modular) -> bytes:
     """The text of the equations for these (a, b), one line each."""
-    p, w = modular.modulus, modular.width
-    return "".join(f"{a:0{w}d}+{b:0{w}d}={(a + b) % p:0{w}d}\n" for a, b in pairs.tolist()).encode()
+    p, number = modular.modulus, modular.number
+    return b"".join(number(a) + b"+" + number(b) + b"=" + number((a + b) % p) + b"\n" for a, b in pairs.tolist())
 
 
 def train_orders(modular: Modular) -> int:
@@ -155,5 +173,6 @@ def answer_tokens(token_lengths: np.ndarray, modular: Modular) -> np.ndarray:
 def describe(modular: Modular) -> str:
     train, val, test = modular.split_sizes()
     orders = train_orders(modular)
-    return (f"{modular.modulus**2:,} equations a+b=c mod {modular.modulus} ({modular.line_bytes} bytes each; "
+    return (f"{modular.modulus**2:,} equations a+b=c mod {modular.modulus} ({modular.form}, {modular.line_bytes} "
+            f"bytes each; "
             f"train {train:,}{f' in {orders} orders' if orders > 1 else ''} / val {val:,} / test {test:,})")

@@ -41,6 +41,7 @@ from seedbed.train.optim import build_optimizers, lr_multiplier
 from seedbed.train.seed_search import SeedSearch
 
 
+IGNORED_TARGET = -100  # cross_entropy's ignore_index: a target the loss skips
 COMPILE_WARMUP_STEPS = 2  # the first compiles the training graph; the second catches a recompile
 
 
@@ -145,6 +146,16 @@ class Trainer:
         # The whole training split lives on the device, so a batch is one gather there.
         self.train_tokens = torch.from_numpy(np.asarray(self.data.train.tokens, dtype=np.int32)).to(self.device)
         self.window = torch.arange(context + 1, device=self.device)
+        # train.loss_on = answers: the targets that are not an answer token are ignored by the loss.
+        self.trained_targets = None
+        if tcfg.loss_on == "answers":
+            if self.data.train.answers is None:
+                raise UserError("train.loss_on=answers needs modular:P data (its splits mark the answer tokens)")
+            gaps = np.diff(np.flatnonzero(self.data.train.answers >= 0), prepend=-1)
+            if gaps.max() > context:  # a window without an answer would have no loss at all
+                raise UserError(f"train.loss_on=answers needs model.max_seq_len >= {gaps.max()} (tokens from one "
+                                f"answer to the next), got {context}")
+            self.trained_targets = torch.from_numpy(self.data.train.answers >= 0).to(self.device)
 
         torch.manual_seed(tcfg.seed)
         self.model = LM(cfg.model).to(self.device)
@@ -231,8 +242,12 @@ class Trainer:
         offsets = torch.randint(0, len(self.train_tokens) - context - 1,
                                 (tcfg.batch_size * self.dist.world,), generator=self.data_rng)
         offsets = offsets[self.dist.rank * tcfg.batch_size:(self.dist.rank + 1) * tcfg.batch_size]
-        windows = self.train_tokens[offsets.to(self.device)[:, None] + self.window].long()
-        return windows[:, :-1], windows[:, 1:]
+        positions = offsets.to(self.device)[:, None] + self.window
+        windows = self.train_tokens[positions].long()
+        targets = windows[:, 1:]
+        if self.trained_targets is not None:
+            targets = targets.masked_fill(~self.trained_targets[positions[:, 1:]], IGNORED_TARGET)
+        return windows[:, :-1], targets
 
     def progress_fraction(self) -> float:
         tcfg = self.cfg.train
@@ -362,8 +377,10 @@ class Trainer:
             bar.update(1 if tcfg.steps else min(elapsed, max(0.0, total - bar.n)))
             if (self.step % tcfg.log_every == 0 or self.done()) and window_seconds > 0:
                 tok_s = window_tokens / window_seconds
-                record = {"step": self.step, "train_loss": loss,
-                          "train_bpb": loss / math.log(2) / bytes_per_token,
+                # With the loss on answers only, bits per byte would be a wrong name for it.
+                loss_record = {"train_answer_bits": loss / math.log(2)} if self.trained_targets is not None \
+                    else {"train_bpb": loss / math.log(2) / bytes_per_token}
+                record = {"step": self.step, "train_loss": loss, **loss_record,
                           "lr_mult": lr_multiplier(self.progress_fraction(), self.step, tcfg),
                           "tokens": self.tokens_seen, "train_seconds": round(self.train_seconds, 3),
                           "warmup_seconds": round(self.warmup_seconds, 3),
