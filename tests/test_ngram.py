@@ -1,0 +1,93 @@
+"""The n-gram cache (ngram.py): counts, a distribution normalised everywhere, causal, equal to the plain reference."""
+
+import numpy as np
+import pytest
+import torch
+
+from seedbed.ngram import NgramCache, context_keys
+
+
+def stream(n: int, vocab: int, seed: int = 0) -> np.ndarray:
+    """A stream with repeats (so that high orders are seen more than once) and noise."""
+    rng = np.random.default_rng(seed)
+    motif = rng.integers(0, vocab, 7)
+    return np.where(rng.random(n) < 0.7, np.resize(motif, n), rng.integers(0, vocab, n))
+
+
+def test_counts_cover_every_pair_once():
+    tokens = stream(500, 5)
+    cache = NgramCache.count(tokens, 5, max_order=4)
+    assert int(cache.unigram.sum()) == 500
+    for k, table in enumerate(cache.orders, start=1):
+        assert int(table.counts.sum()) == int(table.totals.sum()) == 500 - k
+        assert bool((np.diff(table.keys.astype(np.float64)) > 0).all())  # sorted, unique
+        pairs = {}
+        keys = context_keys(tokens, k, 5)
+        for t in range(k, 500):
+            pairs[(int(keys[t]), int(tokens[t]))] = pairs.get((int(keys[t]), int(tokens[t])), 0) + 1
+        stored = {(int(table.keys[c]), int(table.tokens[f])): int(table.counts[f])
+                  for c in range(len(table.keys)) for f in range(table.offsets[c], table.offsets[c + 1])}
+        assert stored == pairs
+
+
+@pytest.mark.parametrize("leave_one_out", [False, True])
+def test_distribution_equals_the_reference(leave_one_out):
+    counted = stream(400, 5)
+    cache = NgramCache.count(counted, 5, max_order=3)
+    scored = counted if leave_one_out else stream(120, 5, seed=1)  # unseen text: some contexts never seen
+    probs = cache.distribution(scored, leave_one_out=leave_one_out)
+    for t in range(len(scored)):
+        expected = torch.tensor(cache.distribution_reference(scored.tolist(), t, leave_one_out), dtype=torch.float64)
+        torch.testing.assert_close(probs[t], expected, rtol=1e-12, atol=1e-15)
+
+
+def test_leave_one_out_of_a_single_occurrence_falls_back_to_the_lower_order():
+    tokens = np.array([0, 1, 2, 3, 0, 1, 2, 4])  # the context (1, 2) of t=3 and t=7 was seen twice
+    cache = NgramCache.count(tokens, 5, max_order=2)
+    kept = cache.distribution(tokens, leave_one_out=True)
+    # At t=7, left out, (1, 2) was followed once, by 3: that order puts mass on 3, and 4 only
+    # through the lower orders.
+    assert kept[7, 3] > kept[7, 4] > 0
+
+
+@pytest.mark.parametrize("vocab, max_order", [(256, 7), (1024, 8)])  # 1024^7 > 2^64: hashed keys
+def test_distribution_is_normalised_everywhere(default_dataset, vocab, max_order):
+    text = default_dataset.train.tokens[:50_000].astype(np.int64)  # real text, bytes
+    tokens = text if vocab == 256 else (text * 7 + np.roll(text, 1)) % vocab
+    cache = NgramCache.count(tokens[:40_000], vocab, max_order=max_order)
+    for scored in (tokens[40_000:44_000], tokens[:4_000]):
+        probs = cache.distribution(scored)
+        assert probs.shape == (len(scored), vocab) and bool((probs > 0).all())
+        assert float((probs.sum(-1) - 1).abs().max()) < 1e-12
+
+
+def test_the_cache_never_reads_the_token_it_predicts_or_later():
+    counted = stream(600, 6)
+    cache = NgramCache.count(counted, 6, max_order=4)
+    scored = stream(80, 6, seed=2)
+    before = cache.distribution(scored)
+    for t in (0, 1, 5, 40, 79):
+        changed = scored.copy()
+        changed[t:] = (changed[t:] + 1) % 6
+        after = cache.distribution(changed)
+        assert torch.equal(before[:t + 1], after[:t + 1])
+
+
+def test_counting_is_deterministic_and_rejects_out_of_range_tokens():
+    tokens = stream(300, 7)
+    first, second = NgramCache.count(tokens, 7, 3), NgramCache.count(tokens, 7, 3)
+    assert all(np.array_equal(a.keys, b.keys) and np.array_equal(a.counts, b.counts)
+               for a, b in zip(first.orders, second.orders, strict=True))
+    with pytest.raises(ValueError, match="tokens must be in"):
+        NgramCache.count(np.array([0, 7]), 7)
+
+
+def test_confidence_reports_counts_and_escape_per_order():
+    tokens = np.array([0, 1, 2, 3, 0, 1, 2, 4])
+    cache = NgramCache.count(tokens, 5, max_order=2)
+    _, confidence = cache.distribution_and_confidence(np.array([9 % 5, 1, 2, 0]))
+    # Position 3 follows (1, 2): order 1 context (2,) and order 2 context (1, 2) were each followed
+    # twice, by two distinct tokens (3 and 4): escape 2 / (2 + 2).
+    torch.testing.assert_close(confidence[3], torch.tensor([[np.log(3), 0.5], [np.log(3), 0.5]], dtype=torch.float64))
+    # Position 1 follows (4,) as order 1 (seen once, by nothing: the stream ends) -> never seen.
+    torch.testing.assert_close(confidence[1, 0], torch.tensor([0.0, 1.0], dtype=torch.float64))
