@@ -30,10 +30,11 @@ def test_counts_cover_every_pair_once():
         assert stored == pairs
 
 
+@pytest.mark.parametrize("smoothing", ["witten-bell", "absolute"])
 @pytest.mark.parametrize("leave_one_out", [False, True])
-def test_distribution_equals_the_reference(leave_one_out):
+def test_distribution_equals_the_reference(leave_one_out, smoothing):
     counted = stream(400, 5)
-    cache = NgramCache.count(counted, 5, max_order=3)
+    cache = NgramCache.count(counted, 5, max_order=3, smoothing=smoothing, discount=0.6)
     scored = counted if leave_one_out else stream(120, 5, seed=1)  # unseen text: some contexts never seen
     probs = cache.distribution(scored, leave_one_out=leave_one_out)
     for t in range(len(scored)):
@@ -50,11 +51,12 @@ def test_leave_one_out_of_a_single_occurrence_falls_back_to_the_lower_order():
     assert kept[7, 3] > kept[7, 4] > 0
 
 
-@pytest.mark.parametrize("vocab, max_order", [(256, 7), (1024, 8)])  # 1024^7 > 2^64: hashed keys
-def test_distribution_is_normalised_everywhere(default_dataset, vocab, max_order):
+@pytest.mark.parametrize("vocab, max_order, smoothing", [(256, 7, "witten-bell"), (256, 7, "absolute"),
+                                                         (1024, 8, "witten-bell")])  # 1024^7 > 2^64: hashed keys
+def test_distribution_is_normalised_everywhere(default_dataset, vocab, max_order, smoothing):
     text = default_dataset.train.tokens[:50_000].astype(np.int64)  # real text, bytes
     tokens = text if vocab == 256 else (text * 7 + np.roll(text, 1)) % vocab
-    cache = NgramCache.count(tokens[:40_000], vocab, max_order=max_order)
+    cache = NgramCache.count(tokens[:40_000], vocab, max_order=max_order, smoothing=smoothing)
     for scored in (tokens[40_000:44_000], tokens[:4_000]):
         probs = cache.distribution(scored)
         assert probs.shape == (len(scored), vocab) and bool((probs > 0).all())
@@ -80,6 +82,10 @@ def test_counting_is_deterministic_and_rejects_out_of_range_tokens():
                for a, b in zip(first.orders, second.orders, strict=True))
     with pytest.raises(ValueError, match="tokens must be in"):
         NgramCache.count(np.array([0, 7]), 7)
+    with pytest.raises(ValueError, match="smoothing must be one of"):
+        NgramCache.count(tokens, 7, smoothing="kneser")
+    with pytest.raises(ValueError, match="discount must be in"):
+        NgramCache.count(tokens, 7, smoothing="absolute", discount=1.5)
 
 
 def test_confidence_reports_counts_and_escape_per_order():

@@ -17,6 +17,11 @@ Distribution (interpolated Witten–Bell, as PPM's escape method C):
     p_k(v | c) = (n_k(c, v) + u_k(c) p_{k-1}(v | c')) / (n_k(c) + u_k(c))   when n_k(c) > 0
     p_k(v | c) = p_{k-1}(v | c')                                    for a context never seen
 
+or, with ``smoothing="absolute"`` (interpolated absolute discounting, Kneser–Ney's discount
+without its continuation counts), for a seen context
+
+    p_k(v | c) = (max(n_k(c, v) - D, 0) + D u_k(c) p_{k-1}(v | c')) / n_k(c),   0 < D <= 1,
+
 where c' drops the oldest token of c. Each p_k sums to 1 over v because p_{k-1} does, so
 the cache's distribution p_K is normalised at every position by construction; a position
 with fewer than k tokens before it uses the orders it has.
@@ -44,6 +49,7 @@ import numpy as np
 import torch
 
 DEFAULT_ORDERS = 6
+SMOOTHINGS = ("witten-bell", "absolute")
 MASK64 = (1 << 64) - 1
 
 
@@ -79,6 +85,8 @@ class NgramCache:
     vocab: int
     unigram: np.ndarray  # (V,) int64: n_0(v)
     orders: list[OrderTable]  # orders[k - 1] is order k
+    smoothing: str = "witten-bell"  # or "absolute" (interpolated absolute discounting by ``discount``)
+    discount: float = 0.75
 
     @property
     def max_order(self) -> int:
@@ -86,14 +94,19 @@ class NgramCache:
 
     # -- counting ------------------------------------------------------------------------
     @classmethod
-    def count(cls, tokens: np.ndarray, vocab: int, max_order: int = DEFAULT_ORDERS) -> "NgramCache":
+    def count(cls, tokens: np.ndarray, vocab: int, max_order: int = DEFAULT_ORDERS, smoothing: str = "witten-bell",
+              discount: float = 0.75) -> "NgramCache":
         """The counts of every order 0..max_order over one token stream."""
+        if smoothing not in SMOOTHINGS:
+            raise ValueError(f"smoothing must be one of {', '.join(SMOOTHINGS)}, got {smoothing!r}")
+        if not 0 < discount <= 1:
+            raise ValueError(f"discount must be in (0, 1], got {discount}")
         tokens = np.asarray(tokens, dtype=np.int64)
         if len(tokens) and (tokens.min() < 0 or tokens.max() >= vocab):
             raise ValueError(f"tokens must be in [0, {vocab})")
         unigram = np.bincount(tokens, minlength=vocab).astype(np.int64)
         orders = [count_order(tokens, k, vocab) for k in range(1, max_order + 1)]
-        return cls(vocab, unigram, orders)
+        return cls(vocab, unigram, orders, smoothing, discount)
 
     # -- the distribution ----------------------------------------------------------------
     def distribution(self, tokens: np.ndarray, positions: np.ndarray | None = None,
@@ -145,7 +158,11 @@ class NgramCache:
             seen = n > 0
             at, n, u = at[seen], n[seen], u[seen]
             n_cv = torch.from_numpy(counts[seen])
-            probs[at] = (n_cv + torch.from_numpy(u)[:, None] * probs[at]) / torch.from_numpy(n + u)[:, None]
+            n_t, u_t = torch.from_numpy(n)[:, None], torch.from_numpy(u)[:, None]
+            if self.smoothing == "absolute":
+                probs[at] = ((n_cv - self.discount).clamp(min=0) + self.discount * u_t * probs[at]) / n_t
+            else:
+                probs[at] = (n_cv + u_t * probs[at]) / (n_t + u_t)
             confidence[at, k - 1, 0] = np.log1p(n)
             confidence[at, k - 1, 1] = u / (n + u)
         return probs, torch.from_numpy(confidence)
@@ -171,7 +188,11 @@ class NgramCache:
             if not followers:
                 continue
             n, u = sum(followers.values()), len(followers)
-            probs = [(followers.get(v, 0) + u * probs[v]) / (n + u) for v in range(self.vocab)]
+            if self.smoothing == "absolute":
+                d = self.discount
+                probs = [(max(followers.get(v, 0) - d, 0) + d * u * probs[v]) / n for v in range(self.vocab)]
+            else:
+                probs = [(followers.get(v, 0) + u * probs[v]) / (n + u) for v in range(self.vocab)]
         return probs
 
 
