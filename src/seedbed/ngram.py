@@ -1,4 +1,4 @@
-"""An n-gram cache with a full, normalised distribution at every position (Witten–Bell).
+"""An n-gram cache with a full, normalised distribution at every position (Witten–Bell or absolute discounting).
 
 The parameter-golf record this answers (../shared/seeds/003) kept counts of orders 2..7 and
 looked up only the target token's count: not a distribution, not a valid bpb. Here the counts
@@ -133,9 +133,14 @@ class NgramCache:
         rows = np.arange(len(positions))
         confidence = np.zeros((len(positions), self.max_order, 2))
         confidence[:, :, 1] = 1.0
+        # The keys of the scored positions only, one order longer each time round (as context_keys
+        # builds them): a chunk of a long stream costs its own length, not the stream's.
+        keys, scale = np.zeros(len(positions), dtype=np.uint64), np.uint64(1)
         for k, table in enumerate(self.orders, start=1):
             has_context = positions >= k
-            keys = context_keys(tokens, k, self.vocab)[positions]
+            with np.errstate(over="ignore"):
+                keys[has_context] += tokens[positions[has_context] - k].astype(np.uint64) * scale
+                scale = scale * np.uint64(self.vocab)
             index = np.searchsorted(table.keys, keys)
             found = has_context & (index < len(table.keys))
             found[found] &= table.keys[index[found]] == keys[found]
