@@ -48,8 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     length = train.add_mutually_exclusive_group()
     length.add_argument("--minutes", type=positive_float, help="train for this many minutes of wall clock")
     length.add_argument("--steps", type=positive_int, help="train for this many optimiser steps")
-    train.add_argument("--data", help="default | pystdlib | modular:P[:F][:bytes] (a+b=c mod P, train fraction F, numbers as digits or single bytes) | "
-                       "PATH (file or folder) | shards:DIR")
+    train.add_argument("--data", help="default | pystdlib | modular:P[:F][:bytes] (a+b=c mod P, train fraction F, "
+                                      "numbers as digits or single bytes) | PATH (file or folder) | shards:DIR")
     train.add_argument("--out", help="run folder (default: runs/PRESET-TIME)")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     train.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. model.d_model=384 train.lr=0.002")

@@ -105,7 +105,8 @@ def bench_grokfast(minutes: float, output: Path) -> None:
         f"when the argmax at its answer byte is right. \"Reached\" is the first such eval at >= {TARGET:.0%}; "
         "seconds are timed training steps only (evaluation excluded). Train bits/answer: the last logged "
         "training loss (a window's first answer may lack its a and b, so it stays above 0). The last two columns "
-        "are the final full-split eval (bpb over every byte: the a and b are not trained). Steps are the measure; seconds depend on what else ran on the machine.",
+        "are the final full-split eval (bpb over every byte: the a and b are not trained). Steps are the measure; "
+        "seconds depend on what else ran on the machine.",
         "",
         f"| Grokfast | val accuracy >= {TARGET:.0%} at step | at seconds | steps | steps/s | final val accuracy "
         "| train bits/answer | final val bpb |",
