@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from seedbed.ngram import NgramCache, context_keys
+from seedbed.errors import UserError
+from seedbed.ngram import SMOOTHINGS, NgramCache, context_keys
 
 
 def stream(n: int, vocab: int, seed: int = 0) -> np.ndarray:
@@ -91,9 +92,46 @@ def test_counting_is_deterministic_and_rejects_out_of_range_tokens():
 def test_confidence_reports_counts_and_escape_per_order():
     tokens = np.array([0, 1, 2, 3, 0, 1, 2, 4])
     cache = NgramCache.count(tokens, 5, max_order=2)
-    _, confidence = cache.distribution_and_confidence(np.array([9 % 5, 1, 2, 0]))
+    _, confidence = cache.chain(np.array([9 % 5, 1, 2, 0]))
     # Position 3 follows (1, 2): order 1 context (2,) and order 2 context (1, 2) were each followed
     # twice, by two distinct tokens (3 and 4): escape 2 / (2 + 2).
     torch.testing.assert_close(confidence[3], torch.tensor([[np.log(3), 0.5], [np.log(3), 0.5]], dtype=torch.float64))
     # Position 1 follows (4,) as order 1 (seen once, by nothing: the stream ends) -> never seen.
     torch.testing.assert_close(confidence[1, 0], torch.tensor([0.0, 1.0], dtype=torch.float64))
+
+
+def test_counting_in_parts_and_merging_equals_counting_whole():
+    tokens = stream(3_000, 6)
+    whole = NgramCache.count(tokens, 6, max_order=4)
+    # Each part after the first starts with the 4 tokens before it, as context only.
+    parts = [NgramCache.count(tokens[:1000], 6, 4)] + [NgramCache.count(tokens[lo - 4:lo + 1000], 6, 4, context=4)
+                                                       for lo in (1000, 2000)]
+    merged = NgramCache.merged(parts)
+    assert np.array_equal(merged.unigram, whole.unigram)
+    for a, b in zip(merged.orders, whole.orders, strict=True):
+        for field in ("keys", "offsets", "tokens", "counts", "totals"):
+            assert np.array_equal(getattr(a, field), getattr(b, field)), field
+
+
+def test_an_online_cache_adds_its_counts_to_the_trained_ones():
+    trained, scored = stream(800, 5), stream(300, 5, seed=2)
+    cache = NgramCache.count(trained, 5, max_order=3)
+    online = NgramCache.count(scored[:200], 5, max_order=3)
+    both = NgramCache.merged([cache, online])
+    positions = np.arange(200, 300)
+    torch.testing.assert_close(cache.chain(scored, positions, online=online)[0],
+                               both.chain(scored, positions)[0], rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("smoothing", SMOOTHINGS)
+def test_storage_round_trips_and_refuses_damage(smoothing):
+    cache = NgramCache.count(stream(2_000, 9), 9, max_order=5, smoothing=smoothing, discount=0.6)
+    blob = cache.to_bytes()
+    back = NgramCache.from_bytes(blob)
+    assert (back.vocab, back.max_order, back.smoothing, back.discount) == (9, 5, smoothing, 0.6)
+    assert back.to_bytes() == blob
+    tokens = stream(300, 9, seed=3)
+    torch.testing.assert_close(back.distribution(tokens), cache.distribution(tokens), rtol=0, atol=0)
+    for damaged in (blob[:-5], blob[:3], blob[:30] + bytes([blob[30] ^ 1]) + blob[31:], blob + b"\0"):
+        with pytest.raises(UserError, match="corrupted"):
+            NgramCache.from_bytes(damaged)

@@ -43,14 +43,23 @@ the tests hold the vectorised ``distribution`` to it.
 
 from __future__ import annotations
 
+import lzma
+import struct
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from seedbed.errors import UserError
+
 DEFAULT_ORDERS = 6
 SMOOTHINGS = ("witten-bell", "absolute")
 MASK64 = (1 << 64) - 1
+MAX_ORDER = 16
+MAGIC = b"SBNG"
+VERSION = 1
+HEADER = struct.Struct("<4sBBHIdQI")  # magic, version, smoothing, orders, vocab, discount, raw length, CRC32
 
 
 @dataclass
@@ -65,6 +74,18 @@ class OrderTable:
     @property
     def distinct(self) -> np.ndarray:
         return np.diff(self.offsets)
+
+    def add_counts(self, keys: np.ndarray, valid: np.ndarray, counts: np.ndarray) -> None:
+        """counts[i, v] += n_k(keys[i], v) for every row i with ``valid`` and a key in the table."""
+        index = np.searchsorted(self.keys, keys)
+        found = valid & (index < len(self.keys))
+        found[found] &= self.keys[index[found]] == keys[found]
+        if not found.any():
+            return
+        ctx = index[found]
+        starts, lengths = self.offsets[ctx], self.distinct[ctx]
+        follower = np.repeat(starts - np.cumsum(lengths) + lengths, lengths) + np.arange(lengths.sum())
+        counts[np.repeat(np.flatnonzero(found), lengths), self.tokens[follower]] += self.counts[follower]
 
 
 def context_keys(tokens: np.ndarray, order: int, vocab: int) -> np.ndarray:
@@ -94,83 +115,176 @@ class NgramCache:
 
     # -- counting ------------------------------------------------------------------------
     @classmethod
-    def count(cls, tokens: np.ndarray, vocab: int, max_order: int = DEFAULT_ORDERS, smoothing: str = "witten-bell",
-              discount: float = 0.75) -> "NgramCache":
-        """The counts of every order 0..max_order over one token stream."""
+    def count(cls, tokens: "np.ndarray | list[np.ndarray]", vocab: int, max_order: int = DEFAULT_ORDERS,
+              smoothing: str = "witten-bell", discount: float = 0.75, context: int = 0) -> "NgramCache":
+        """The counts of every order 0..max_order over one token stream, or over several streams
+        (a list: no context crosses from one into the next). The first ``context`` tokens of each
+        stream are context only: neither counted nor followers, so a stream cut into parts that
+        each start with the ``max_order`` tokens before them counts, merged, as the whole."""
         if smoothing not in SMOOTHINGS:
             raise ValueError(f"smoothing must be one of {', '.join(SMOOTHINGS)}, got {smoothing!r}")
         if not 0 < discount <= 1:
             raise ValueError(f"discount must be in (0, 1], got {discount}")
-        tokens = np.asarray(tokens, dtype=np.int64)
-        if len(tokens) and (tokens.min() < 0 or tokens.max() >= vocab):
-            raise ValueError(f"tokens must be in [0, {vocab})")
-        unigram = np.bincount(tokens, minlength=vocab).astype(np.int64)
-        orders = [count_order(tokens, k, vocab) for k in range(1, max_order + 1)]
+        streams = [np.asarray(t, dtype=np.int64) for t in ([tokens] if isinstance(tokens, np.ndarray) else tokens)]
+        for stream in streams:
+            if len(stream) and (stream.min() < 0 or stream.max() >= vocab):
+                raise ValueError(f"tokens must be in [0, {vocab})")
+        unigram = sum((np.bincount(s[context:], minlength=vocab) for s in streams),
+                      np.zeros(vocab, np.int64)).astype(np.int64)
+        orders = []
+        for k in range(1, max_order + 1):
+            pairs = [stream_pairs(s, k, vocab, max(k, context)) for s in streams]
+            orders.append(reduce_pairs(np.concatenate([p[0] for p in pairs]), np.concatenate([p[1] for p in pairs])))
         return cls(vocab, unigram, orders, smoothing, discount)
+
+    @classmethod
+    def merged(cls, caches: "list[NgramCache]") -> "NgramCache":
+        """One cache with the summed counts of ``caches`` (same vocabulary, orders and smoothing):
+        counting a stream in parts and merging equals counting it whole (when each part keeps the
+        tokens before it as context, see ``count``)."""
+        first = caches[0]
+        for other in caches[1:]:
+            if (other.vocab, other.max_order, other.smoothing, other.discount) != (
+                    first.vocab, first.max_order, first.smoothing, first.discount):
+                raise ValueError("only caches of the same vocabulary, orders and smoothing merge")
+        unigram = np.sum([c.unigram for c in caches], axis=0).astype(np.int64)
+        orders = []
+        for k in range(first.max_order):
+            tables = [c.orders[k] for c in caches]
+            keys = np.concatenate([np.repeat(t.keys, t.distinct) for t in tables])
+            orders.append(reduce_pairs(keys, np.concatenate([t.tokens for t in tables]),
+                                       np.concatenate([t.counts for t in tables])))
+        return cls(first.vocab, unigram, orders, first.smoothing, first.discount)
 
     # -- the distribution ----------------------------------------------------------------
     def distribution(self, tokens: np.ndarray, positions: np.ndarray | None = None,
-                     leave_one_out: bool = False) -> torch.Tensor:
+                     leave_one_out: bool = False, online: "NgramCache | None" = None) -> torch.Tensor:
         """p_K(. | context) (float64, (P, V)) at ``positions`` of the stream ``tokens`` (default: all),
         each from the tokens before it. ``leave_one_out``: ``tokens`` is the counted stream itself,
-        and each position's own occurrence is taken out of the counts first."""
-        return self.distribution_and_confidence(tokens, positions, leave_one_out)[0]
+        and each position's own occurrence is taken out of the counts first. ``online``: a second
+        cache whose counts add to these (the tokens already scored, see ``seedbed.cachemix``)."""
+        return self.chain(tokens, positions, leave_one_out, online)[0][:, -1]
 
-    def distribution_and_confidence(self, tokens: np.ndarray, positions: np.ndarray | None = None,
-                                    leave_one_out: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """``distribution``, and per position and order k = 1..K what a mixer may weigh it by
-        (float64, (P, K, 2)): log(1 + n_k(c)) and the escape weight u_k(c) / (n_k(c) + u_k(c)),
-        both 0 for a context never seen (escape 1)."""
+    def chain(self, tokens: np.ndarray, positions: np.ndarray | None = None, leave_one_out: bool = False,
+              online: "NgramCache | None" = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every order's distribution p_0 .. p_K (float64, (P, K + 1, V)), and per position and
+        order k = 1..K what a mixer may weigh it by (float64, (P, K, 2)): log(1 + n_k(c)) and the
+        escape weight u_k(c) / (n_k(c) + u_k(c)), both 0 for a context never seen (escape 1)."""
         tokens = np.asarray(tokens, dtype=np.int64)
         positions = np.arange(len(tokens)) if positions is None else np.asarray(positions, dtype=np.int64)
+        if online is not None and (online.vocab, online.max_order) != (self.vocab, self.max_order):
+            raise ValueError("the online cache must have the same vocabulary and orders")
+        sources = [self] if online is None else [self, online]
         targets = tokens[positions]
-        unigram = np.broadcast_to(self.unigram.astype(np.float64), (len(positions), self.vocab)).copy()
-        total = float(self.unigram.sum())
-        if leave_one_out:
-            unigram[np.arange(len(positions)), targets] -= 1
-            total -= 1
-        probs = torch.from_numpy((unigram + 1) / (total + self.vocab))
         rows = np.arange(len(positions))
+        unigram = np.broadcast_to(sum(c.unigram for c in sources).astype(np.float64),
+                                  (len(positions), self.vocab)).copy()
+        if leave_one_out:
+            unigram[rows, targets] -= 1
+        out = torch.empty(len(positions), self.max_order + 1, self.vocab, dtype=torch.float64)
+        out[:, 0] = torch.from_numpy((unigram + 1) / (unigram.sum(1, keepdims=True) + self.vocab))
         confidence = np.zeros((len(positions), self.max_order, 2))
         confidence[:, :, 1] = 1.0
         # The keys of the scored positions only, one order longer each time round (as context_keys
         # builds them): a chunk of a long stream costs its own length, not the stream's.
         keys, scale = np.zeros(len(positions), dtype=np.uint64), np.uint64(1)
-        for k, table in enumerate(self.orders, start=1):
+        for k in range(1, self.max_order + 1):
             has_context = positions >= k
             with np.errstate(over="ignore"):
                 keys[has_context] += tokens[positions[has_context] - k].astype(np.uint64) * scale
                 scale = scale * np.uint64(self.vocab)
-            index = np.searchsorted(table.keys, keys)
-            found = has_context & (index < len(table.keys))
-            found[found] &= table.keys[index[found]] == keys[found]
-            if not found.any():
-                continue
-            at, ctx = rows[found], index[found]
-            local = np.arange(len(at))
-            starts, lengths = table.offsets[ctx], table.distinct[ctx]
-            follower = np.repeat(starts - np.cumsum(lengths) + lengths, lengths) + np.arange(lengths.sum())
-            counts = np.zeros((len(at), self.vocab))
-            counts[np.repeat(local, lengths), table.tokens[follower]] = table.counts[follower]
-            n = table.totals[ctx].astype(np.float64)
-            u = lengths.astype(np.float64)
+            counts = np.zeros((len(positions), self.vocab))
+            for source in sources:
+                source.orders[k - 1].add_counts(keys, has_context, counts)
             if leave_one_out:
-                own = counts[local, targets[found]]
-                counts[local, targets[found]] -= 1
-                n -= 1
-                u -= own == 1
+                counts[rows[has_context], targets[has_context]] -= 1
+            n = counts.sum(1)
+            u = (counts > 0).sum(1).astype(np.float64)
+            out[:, k] = out[:, k - 1]
             # A context seen only at this very position is, left out, a context never seen.
             seen = n > 0
-            at, n, u = at[seen], n[seen], u[seen]
-            n_cv = torch.from_numpy(counts[seen])
-            n_t, u_t = torch.from_numpy(n)[:, None], torch.from_numpy(u)[:, None]
-            if self.smoothing == "absolute":
-                probs[at] = ((n_cv - self.discount).clamp(min=0) + self.discount * u_t * probs[at]) / n_t
-            else:
-                probs[at] = (n_cv + u_t * probs[at]) / (n_t + u_t)
-            confidence[at, k - 1, 0] = np.log1p(n)
-            confidence[at, k - 1, 1] = u / (n + u)
-        return probs, torch.from_numpy(confidence)
+            at, n, u = rows[seen], n[seen], u[seen]
+            if len(at):
+                n_cv = torch.from_numpy(counts[seen])
+                n_t, u_t = torch.from_numpy(n)[:, None], torch.from_numpy(u)[:, None]
+                lower = out[at, k - 1]
+                if self.smoothing == "absolute":
+                    out[at, k] = ((n_cv - self.discount).clamp(min=0) + self.discount * u_t * lower) / n_t
+                else:
+                    out[at, k] = (n_cv + u_t * lower) / (n_t + u_t)
+                confidence[at, k - 1, 0] = np.log1p(n)
+                confidence[at, k - 1, 1] = u / (n + u)
+        return out, torch.from_numpy(confidence)
+
+    # -- storage -------------------------------------------------------------------------
+    def to_bytes(self) -> bytes:
+        """The counts, compactly: per order the context keys as gaps, each context's number of
+        followers, the followers and their counts, every array split into byte planes (the
+        high bytes of small numbers are runs of zeros) and the whole LZMA-compressed.
+
+        Layout: header (``HEADER``: magic, version, smoothing, orders, vocab, discount, raw
+        length, CRC32 of the raw bytes), then LZMA of: unigram (u64 x V), and per order
+        C, F (u64 each), key gaps (u64 x C), followers per context (u32 x C), followers
+        (u32 x F), counts (u64 x F), each as byte planes.
+        """
+        parts = [planes(self.unigram, np.uint64)]
+        for table in self.orders:
+            gaps = np.diff(table.keys, prepend=np.uint64(0))
+            parts += [struct.pack("<QQ", len(table.keys), len(table.tokens)), planes(gaps, np.uint64),
+                      planes(table.distinct, np.uint32), planes(table.tokens, np.uint32),
+                      planes(table.counts, np.uint64)]
+        raw = b"".join(parts)
+        header = HEADER.pack(MAGIC, VERSION, SMOOTHINGS.index(self.smoothing), self.max_order, self.vocab,
+                             self.discount, len(raw), zlib.crc32(raw))
+        return header + lzma.compress(raw, preset=9 | lzma.PRESET_EXTREME)
+
+    @classmethod
+    def from_bytes(cls, blob: bytes, where: str = "n-gram cache") -> "NgramCache":
+        """``to_bytes`` read back, every field checked before it is used (UserError if not)."""
+        def bad(why: str) -> UserError:
+            return UserError(f"{where} is corrupted ({why})")
+
+        if len(blob) < HEADER.size or blob[:4] != MAGIC:
+            raise bad("bad magic or too short")
+        _, version, smoothing, max_order, vocab, discount, raw_len, crc = HEADER.unpack_from(blob)
+        if version != VERSION:
+            raise UserError(f"{where} has format version {version}; this seedbed reads version {VERSION}")
+        if smoothing >= len(SMOOTHINGS) or not 1 <= max_order <= MAX_ORDER or not 2 <= vocab <= 1 << 20 \
+                or not 0 < discount <= 1:
+            raise bad("header fields out of range")
+        decompressor = lzma.LZMADecompressor()
+        try:
+            raw = decompressor.decompress(blob[HEADER.size:], max_length=raw_len + 1)
+        except lzma.LZMAError:
+            raise bad("its counts do not decompress") from None
+        if not decompressor.eof or decompressor.unused_data:
+            raise bad("truncated or trailing bytes")
+        if len(raw) != raw_len or zlib.crc32(raw) != crc:
+            raise bad("checksum mismatch")
+        reader = PlaneReader(raw, bad)
+        unigram = reader.array(vocab, np.uint64).astype(np.int64)
+        orders = []
+        for _ in range(max_order):
+            n_contexts, n_followers = reader.sizes()
+            keys = np.cumsum(reader.array(n_contexts, np.uint64), dtype=np.uint64)
+            distinct = reader.array(n_contexts, np.uint32).astype(np.int64)
+            tokens = reader.array(n_followers, np.uint32).astype(np.int64)
+            counts = reader.array(n_followers, np.uint64).astype(np.int64)
+            offsets = np.concatenate([[0], np.cumsum(distinct)]).astype(np.int64)
+            if (n_contexts and (distinct.min() < 1 or (n_contexts > 1 and (np.diff(keys) == 0).any())
+                                or (keys[1:] < keys[:-1]).any())) or offsets[-1] != n_followers:
+                raise bad("context table out of order")
+            if n_followers and (tokens.max() >= vocab or counts.min() < 1):
+                raise bad("follower out of range")
+            in_context = np.ones(n_followers, bool)
+            in_context[offsets[:-1][distinct > 0]] = False
+            if (np.diff(tokens, prepend=-1)[in_context] <= 0).any():
+                raise bad("followers out of order")
+            totals = np.add.reduceat(counts, offsets[:-1]) if n_contexts else np.zeros(0, np.int64)
+            orders.append(OrderTable(keys, offsets, tokens, counts, totals.astype(np.int64)))
+        if not reader.done():
+            raise bad("trailing bytes")
+        return cls(vocab, unigram, orders, SMOOTHINGS[smoothing], discount)
 
     def distribution_reference(self, tokens: list[int], t: int, leave_one_out: bool = False) -> list[float]:
         """p_K(. | tokens[:t]), one position at a time in plain Python (for the tests)."""
@@ -201,17 +315,21 @@ class NgramCache:
         return probs
 
 
-def count_order(tokens: np.ndarray, k: int, vocab: int) -> OrderTable:
-    """Order k's table: every (context, follower) pair of the stream, counted."""
-    keys = context_keys(tokens, k, vocab)[k:]
-    followers = tokens[k:]
+def stream_pairs(tokens: np.ndarray, k: int, vocab: int, first: int) -> tuple[np.ndarray, np.ndarray]:
+    """(context key, follower) of order k at every position t >= ``first`` (>= k) of one stream."""
+    return context_keys(tokens, k, vocab)[first:], tokens[first:]
+
+
+def reduce_pairs(keys: np.ndarray, followers: np.ndarray, weights: np.ndarray | None = None) -> OrderTable:
+    """An order's table from (context key, follower) pairs, each counted ``weights`` times (default once)."""
     order = np.lexsort((followers, keys))
     keys, followers = keys[order], followers[order]
+    weights = np.ones(len(keys), np.int64) if weights is None else np.asarray(weights, np.int64)[order]
     new_pair = np.ones(len(keys), dtype=bool)
     new_pair[1:] = (keys[1:] != keys[:-1]) | (followers[1:] != followers[:-1])
     pair_starts = np.flatnonzero(new_pair)
     pair_keys, pair_tokens = keys[pair_starts], followers[pair_starts]
-    pair_counts = np.diff(np.append(pair_starts, len(keys)))
+    pair_counts = np.add.reduceat(weights, pair_starts) if len(pair_starts) else np.zeros(0, np.int64)
     new_context = np.ones(len(pair_keys), dtype=bool)
     new_context[1:] = pair_keys[1:] != pair_keys[:-1]
     context_starts = np.flatnonzero(new_context)
@@ -219,3 +337,35 @@ def count_order(tokens: np.ndarray, k: int, vocab: int) -> OrderTable:
     totals = np.add.reduceat(pair_counts, context_starts) if len(context_starts) else np.zeros(0, dtype=np.int64)
     return OrderTable(pair_keys[context_starts], offsets, pair_tokens.astype(np.int64), pair_counts.astype(np.int64),
                       totals.astype(np.int64))
+
+
+def planes(values: np.ndarray, dtype) -> bytes:
+    """``values`` as ``dtype`` little-endian, byte plane by byte plane (all lowest bytes first)."""
+    array = np.ascontiguousarray(np.asarray(values).astype(np.dtype(dtype).newbyteorder("<")))
+    return array.view(np.uint8).reshape(len(array), -1).T.tobytes()
+
+
+class PlaneReader:
+    """Reads ``planes`` arrays back in order, refusing to run past the end."""
+
+    def __init__(self, raw: bytes, bad):
+        self.raw, self.at, self.bad = raw, 0, bad
+
+    def take(self, n: int) -> bytes:
+        if n < 0 or self.at + n > len(self.raw):
+            raise self.bad("sizes run past the end")
+        self.at += n
+        return self.raw[self.at - n:self.at]
+
+    def sizes(self) -> tuple[int, int]:
+        return struct.unpack("<QQ", self.take(16))
+
+    def array(self, count: int, dtype) -> np.ndarray:
+        width = np.dtype(dtype).itemsize
+        if count > len(self.raw):  # a size no payload of this length can hold
+            raise self.bad("sizes run past the end")
+        data = np.frombuffer(self.take(count * width), np.uint8).reshape(width, count).T
+        return np.ascontiguousarray(data).view(np.dtype(dtype).newbyteorder("<"))[:, 0].astype(dtype)
+
+    def done(self) -> bool:
+        return self.at == len(self.raw)
