@@ -31,6 +31,37 @@ def positive_float(text: str) -> float:
     return value
 
 
+def add_cache_options(command: argparse.ArgumentParser, adapt: bool) -> None:
+    """--no-cache, and (for eval and compress) score-first adaptation's options."""
+    from seedbed.adapt import AdaptOptions
+
+    command.add_argument("--no-cache", action="store_true",
+                         help="the model alone, without the run's or artifact's n-gram cache")
+    if not adapt:
+        return
+    defaults = AdaptOptions()
+    command.add_argument("--adapt", action="store_true",
+                         help="score-first adaptation: after each block of tokens is scored, the cache, its gate and "
+                              "the model learn from it (scored as compress codes: --streams segments side by side)")
+    command.add_argument("--adapt-every", type=positive_int, default=defaults.every, metavar="N",
+                         help=f"positions per stream between updates (default {defaults.every})")
+    command.add_argument("--adapt-lr", type=float, default=defaults.model_lr, metavar="LR",
+                         help=f"the model's Adam learning rate per update, 0 to keep the model (default {defaults.model_lr})")
+    command.add_argument("--adapt-mixer-iterations", type=int, default=defaults.mixer_iterations, metavar="I",
+                         help=f"L-BFGS iterations refitting the gate per update (default {defaults.mixer_iterations})")
+
+
+def adapt_options(args: argparse.Namespace):
+    """The AdaptOptions the command line asks for (None without --adapt), checked."""
+    from seedbed.adapt import AdaptOptions
+
+    if not args.adapt:
+        return None
+    options = AdaptOptions(args.adapt_every, args.adapt_mixer_iterations, args.adapt_lr)
+    options.check()
+    return options
+
+
 class Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line, exit 2, like every other bad input
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")
@@ -61,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--text", help="a file to score whole")
     evaluate.add_argument("--split", choices=("val", "test"), default="val")
     evaluate.add_argument("--stride", type=positive_int, default=0, help="sliding-window stride (default: context/2)")
+    evaluate.add_argument("--streams", type=positive_int, default=64,
+                          help="with --adapt: segments scored side by side, as compress codes them (default 64)")
+    add_cache_options(evaluate, adapt=True)
 
     generate = commands.add_parser("generate", help="sample text from a run, streaming")
     generate.add_argument("run", metavar="RUN")
@@ -75,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
                                "(the same text at --temperature 0, the same distribution when sampling)")
     generate.add_argument("--draft-tokens", type=positive_int, default=4, metavar="D",
                           help="tokens drafted per verifying pass (with --draft-layers; default 4)")
+    add_cache_options(generate, adapt=False)
 
     shards = commands.add_parser("export-shards", help="write a text corpus as .bin token shards")
     shards.add_argument("--data", default="default")
@@ -104,6 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     compress.add_argument("--streams", type=positive_int, default=64,
                           help="at most this many segments coded side by side (each at least 2048 tokens)")
     compress.add_argument("--no-eval", action="store_true", help="skip the bpb cross-check")
+    add_cache_options(compress, adapt=True)
 
     decompress = commands.add_parser("decompress", help="decode a file made by seedbed compress")
     decompress.add_argument("artifact", metavar="ARTIFACT")
@@ -162,7 +198,8 @@ def cmd_train(args: argparse.Namespace) -> None:
         print(f"steps {result.steps}  tokens {result.tokens:,}  train time {result.train_seconds:.1f} s  "
               f"(+ warm-up {result.warmup_seconds:.1f} s, not counted)  {result.tokens_per_second:,.0f} tok/s  "
               f"MFU {mfu}")
-        print(f"val bpb {result.val_bpb:.4f}")
+        print(f"val bpb {result.val_bpb:.4f}" + (f"  (with the n-gram cache {result.val_bpb_cache:.4f})"
+                                                  if result.val_bpb_cache is not None else ""))
         if result.val_answer_accuracy is not None:
             print(f"val answer accuracy {result.val_answer_accuracy:.2%}")
         print(f"run folder {run_dir}")
@@ -175,19 +212,24 @@ def quote(text: str) -> str:
 def cmd_eval(args: argparse.Namespace) -> None:
     from seedbed.runs import load
 
+    adapt = adapt_options(args)
     loaded = load(args.run)
+    use_cache = not args.no_cache
+    options = dict(stride=args.stride, use_cache=use_cache, adapt=adapt, streams=args.streams)
     if args.text:
         path = Path(args.text)
         if not path.is_file():
             raise UserError(f"text file {path} does not exist")
-        result = loaded.evaluate(path.read_bytes(), stride=args.stride)
+        result = loaded.evaluate(path.read_bytes(), **options)
         what = str(path)
     else:
         spec = args.data or loaded.config.data.spec
-        result = loaded.evaluate_split(spec, args.split, stride=args.stride)
+        result = loaded.evaluate_split(spec, args.split, **options)
         what = f"{spec} [{args.split}]"
+    how = ("model + n-gram cache" if use_cache and loaded.cache is not None else "model alone") + \
+        (", adapted score-first" if adapt else "")
     print(f"{what}: bpb {result.bpb:.4f}  tokens {result.tokens:,}  bytes {result.n_bytes:,}  "
-          f"bits/token {result.bits_per_token:.4f}  ({result.seconds:.1f} s)")
+          f"bits/token {result.bits_per_token:.4f}  ({how}; {result.seconds:.1f} s)")
     if result.answers_total:
         print(f"answer accuracy {result.answer_accuracy:.2%} ({result.answers_right:,} of {result.answers_total:,} "
               "equations right, argmax of every answer token)")
@@ -200,7 +242,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
     loaded = load(args.run)
     stats = DraftStats()
     pieces = loaded.stream(args.prompt, args.tokens, args.temperature, args.top_k, args.top_p, args.seed,
-                           draft_layers=args.draft_layers or 0, draft_tokens=args.draft_tokens, stats=stats)
+                           draft_layers=args.draft_layers or 0, draft_tokens=args.draft_tokens, stats=stats,
+                           use_cache=not args.no_cache)
     first = next(pieces, "")  # bad options fail here, before any text is written
     start = time.perf_counter()
     sys.stdout.write(args.prompt + first)
@@ -281,20 +324,22 @@ def cmd_compress(args: argparse.Namespace) -> None:
     source = Path(args.file)
     if not source.is_file():
         raise UserError(f"input file {source} does not exist")
+    adapt = adapt_options(args)
     loaded = load(args.artifact)
     if not Path(args.artifact).is_file():
         raise UserError(f"{args.artifact} is a run folder; pack it first (seedbed pack {args.artifact})")
     data = source.read_bytes()
     update, close = codec_progress("compress")
     try:
-        blob, stats = compress_bytes(loaded, artifact_digest(args.artifact), data, args.streams, progress=update)
+        blob, stats = compress_bytes(loaded, artifact_digest(args.artifact), data, args.streams, progress=update,
+                                     use_cache=not args.no_cache, adapt=adapt)
     finally:
         close()
     atomic_write_bytes(args.out, blob)
     print(f"{source}: {stats.original_bytes:,} bytes -> {len(blob):,} bytes ({len(blob) - stats.payload_bytes} header)"
           f"  {stats.bpb:.4f} bits per byte  {stats.original_bytes / max(stats.seconds, 1e-9):,.0f} bytes/s")
     if not args.no_eval and data:
-        result = loaded.evaluate(data)
+        result = loaded.evaluate(data, use_cache=not args.no_cache, adapt=adapt, streams=args.streams)
         gap = stats.bpb / result.bpb - 1
         print(f"seedbed eval on the same text: {result.bpb:.4f} bpb; coded size differs by {gap:+.2%}")
 

@@ -169,6 +169,22 @@ class DataConfig:
 
 
 @dataclass
+class CacheConfig:
+    """The n-gram cache counted over the training stream after training (``cachemix.py``)."""
+    orders: int = 0  # longest context in tokens; 0: no cache
+    smoothing: str = "witten-bell"  # witten-bell | absolute
+    discount: float = 0.75  # absolute discounting's D
+    fit_tokens: int = 65536  # positions at the end of the training stream the gate is fitted on
+
+    def check(self, where: str) -> None:
+        require(0 <= self.orders <= 16, f"{where}.orders must be in 0..16, got {self.orders}")
+        require(self.smoothing in ("witten-bell", "absolute"),
+                f"{where}.smoothing must be witten-bell or absolute, got {self.smoothing!r}")
+        require(0 < self.discount <= 1, f"{where}.discount must be in (0, 1], got {self.discount}")
+        require(self.fit_tokens > 0, f"{where}.fit_tokens must be positive, got {self.fit_tokens}")
+
+
+@dataclass
 class TrainConfig:
     seed: int = 1337
     batch_size: int = 16  # sequences of model.max_seq_len tokens per micro-batch per process
@@ -243,6 +259,7 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
     preset: str = ""
 
     def to_dict(self) -> dict[str, Any]:
@@ -270,7 +287,9 @@ def check_resume_config(saved: dict[str, Any], cfg: RunConfig, skip: frozenset[s
     new = cfg.to_dict()
     for section in SECTIONS:
         for key in sorted(set(saved.get(section, {})) | set(new[section])):
-            if (section == "train" and key in RESUMABLE_TRAIN_KEYS) or f"{section}.{key}" in skip:
+            # The cache is counted after training: any of its settings may change at a resume.
+            if (section == "train" and key in RESUMABLE_TRAIN_KEYS) or section == "cache" \
+                    or f"{section}.{key}" in skip:
                 continue
             before, after = saved.get(section, {}).get(key), new[section].get(key)
             if before != after:
@@ -278,7 +297,7 @@ def check_resume_config(saved: dict[str, Any], cfg: RunConfig, skip: frozenset[s
                                 f"with {before!r}, and {section}.{key} cannot change mid-run")
 
 
-SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "cache": CacheConfig}
 
 
 def config_from_dict(values: dict[str, Any]) -> RunConfig:

@@ -81,8 +81,9 @@ def check_normalised(log_probs: torch.Tensor, chunk_elements: int = 1 << 22) -> 
 @torch.no_grad()
 def evaluate_bpb(model, tokens: np.ndarray, n_bytes: int, context: int, stride: int = 0,
                  batch_size: int = 16, device: str | torch.device = "cpu", autocast_dtype=None,
-                 answers: np.ndarray | None = None) -> EvalResult:
-    """Bits per byte of ``tokens`` (which encode ``n_bytes`` bytes of text) under ``model``; with
+                 answers: np.ndarray | None = None, cache=None) -> EvalResult:
+    """Bits per byte of ``tokens`` (which encode ``n_bytes`` bytes of text) under ``model`` (mixed with
+    ``cache``, a ``cachemix.TextCache``, when given: its counts are the training text's only); with
     ``answers`` (per token: the equation whose answer it spells, -1 elsewhere), also how many
     equations have every answer token predicted right (argmax)."""
     if len(tokens) == 0 or n_bytes <= 0:
@@ -94,8 +95,33 @@ def evaluate_bpb(model, tokens: np.ndarray, n_bytes: int, context: int, stride: 
     model.eval()
     start = time.perf_counter()
     vocab = model.cfg.vocab_size
-    data = torch.as_tensor(np.asarray(tokens, dtype=np.int64))
+    tokens = np.asarray(tokens, dtype=np.int64)
+    data = torch.as_tensor(tokens)
     bits = math.log2(vocab)  # token 0, scored with no context
+    nats = 0.0
+    if answers is not None and len(answers) != len(data):
+        raise ValueError(f"answers mark {len(answers)} tokens, the text has {len(data)}")
+    right = np.zeros(len(data), dtype=bool)  # position t: the argmax predicted token t
+    for positions, scored in window_log_probs(model, data, context, stride, batch_size, device, autocast_dtype):
+        if cache is not None:
+            scored = cache.log_probs(tokens, positions, scored.cpu())
+        check_normalised(scored)
+        targets = data[positions].to(scored.device)
+        nats -= scored.gather(-1, targets[:, None]).double().sum().item()
+        if answers is not None:
+            right[positions] = (scored.argmax(-1) == targets).cpu().numpy()
+    model.train(was_training)
+    result = EvalResult(bits=bits + nats / math.log(2), tokens=len(data), n_bytes=n_bytes,
+                        seconds=time.perf_counter() - start)
+    if answers is not None:
+        result.answers_right, result.answers_total = count_right_answers(right, np.asarray(answers))
+    return result
+
+
+def window_log_probs(model, data: torch.Tensor, context: int, stride: int, batch_size: int = 16,
+                     device: str | torch.device = "cpu", autocast_dtype=None):
+    """Yield (positions, log-probabilities (n, V), float32) batch by batch: every position 1..N-1 of
+    ``data`` once, each predicted from the windows of ``scoring_windows``."""
     windows = scoring_windows(len(data), context, stride)
     # Windows of equal length batch together; only the first and last can be shorter.
     by_length: dict[int, list[tuple[int, int, int]]] = {}
@@ -103,30 +129,15 @@ def evaluate_bpb(model, tokens: np.ndarray, n_bytes: int, context: int, stride: 
         by_length.setdefault(window[1] - window[0], []).append(window)
     autocast = (torch.autocast(device_type=torch.device(device).type, dtype=autocast_dtype)
                 if autocast_dtype is not None else nullcontext())
-    nats = 0.0
-    if answers is not None and len(answers) != len(data):
-        raise ValueError(f"answers mark {len(answers)} tokens, the text has {len(data)}")
-    right = np.zeros(len(data), dtype=bool)  # position t: the argmax predicted token t
     for length, group in by_length.items():
         for i in range(0, len(group), batch_size):
             batch = group[i:i + batch_size]
             inputs = torch.stack([data[a:b] for a, b, _ in batch]).to(device)
-            targets = torch.stack([data[a + 1:b + 1] for a, b, _ in batch]).to(device)
             with autocast:
                 log_probs = model.log_probs(inputs).float()
-            check_normalised(log_probs)
-            picked = log_probs.gather(-1, targets[..., None])[..., 0]
-            hits = (log_probs.argmax(-1) == targets).cpu().numpy() if answers is not None else None
-            for row, (_, b, n_scored) in enumerate(batch):
-                nats -= picked[row, length - n_scored:].double().sum().item()
-                if hits is not None:
-                    right[b + 1 - n_scored:b + 1] = hits[row, length - n_scored:]
-    model.train(was_training)
-    result = EvalResult(bits=bits + nats / math.log(2), tokens=len(data), n_bytes=n_bytes,
-                        seconds=time.perf_counter() - start)
-    if answers is not None:
-        result.answers_right, result.answers_total = count_right_answers(right, np.asarray(answers))
-    return result
+            # The scored rows of every window, and the text positions they predict.
+            scored = torch.cat([log_probs[row, length - n:] for row, (_, _, n) in enumerate(batch)])
+            yield np.concatenate([np.arange(b + 1 - n, b + 1) for _, b, n in batch]), scored
 
 
 def count_right_answers(right: np.ndarray, answers: np.ndarray) -> tuple[int, int]:

@@ -166,12 +166,16 @@ class NgramCache:
         return self.chain(tokens, positions, leave_one_out, online)[0][:, -1]
 
     def chain(self, tokens: np.ndarray, positions: np.ndarray | None = None, leave_one_out: bool = False,
-              online: "NgramCache | None" = None) -> tuple[torch.Tensor, torch.Tensor]:
+              online: "NgramCache | None" = None, available: np.ndarray | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
         """Every order's distribution p_0 .. p_K (float64, (P, K + 1, V)), and per position and
         order k = 1..K what a mixer may weigh it by (float64, (P, K, 2)): log(1 + n_k(c)) and the
-        escape weight u_k(c) / (n_k(c) + u_k(c)), both 0 for a context never seen (escape 1)."""
+        escape weight u_k(c) / (n_k(c) + u_k(c)), both 0 for a context never seen (escape 1).
+        ``available``: per position, how many of the tokens before it are its context (default:
+        all, ``positions``), for several streams laid end to end."""
         tokens = np.asarray(tokens, dtype=np.int64)
         positions = np.arange(len(tokens)) if positions is None else np.asarray(positions, dtype=np.int64)
+        available = positions if available is None else np.minimum(available, positions)
         if online is not None and (online.vocab, online.max_order) != (self.vocab, self.max_order):
             raise ValueError("the online cache must have the same vocabulary and orders")
         sources = [self] if online is None else [self, online]
@@ -189,7 +193,7 @@ class NgramCache:
         # builds them): a chunk of a long stream costs its own length, not the stream's.
         keys, scale = np.zeros(len(positions), dtype=np.uint64), np.uint64(1)
         for k in range(1, self.max_order + 1):
-            has_context = positions >= k
+            has_context = available >= k
             with np.errstate(over="ignore"):
                 keys[has_context] += tokens[positions[has_context] - k].astype(np.uint64) * scale
                 scale = scale * np.uint64(self.vocab)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from seedbed.cachemix import CACHE_FILE, TextCache
 from seedbed.config import config_from_dict, read_config_file
 from seedbed.data import tokenizer_from_proto
 from seedbed.errors import UserError
@@ -33,7 +34,9 @@ def load(path: str | Path) -> LoadedModel:
     model.eval()
     proto_path = path / "tokenizer.model"
     tokenizer = tokenizer_from_proto(proto_path.read_bytes() if proto_path.is_file() else None)
-    return LoadedModel(model, cfg, tokenizer, path, recorded_val_bpb(path, cfg, meta["step"]))
+    cache_path = path / CACHE_FILE
+    cache = TextCache.from_bytes(cache_path.read_bytes(), str(cache_path)) if cache_path.is_file() else None
+    return LoadedModel(model, cfg, tokenizer, path, recorded_val_bpb(path, cfg, meta["step"]), cache)
 
 
 def recorded_val_bpb(path: Path, cfg, step: int) -> float | None:

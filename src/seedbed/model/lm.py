@@ -7,7 +7,7 @@ Logits are always returned in float32, so every consumer normalises the same way
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -103,9 +103,12 @@ class LM(nn.Module):
     @torch.no_grad()
     def generate(self, prompt: list[int], max_new_tokens: int, temperature: float = 1.0, top_k: int = 0,
                  top_p: float = 1.0, generator: torch.Generator | None = None, draft_layers: int = 0,
-                 draft_tokens: int = 4, stats: DraftStats | None = None) -> Iterator[int]:
+                 draft_tokens: int = 4, stats: DraftStats | None = None,
+                 mix: Callable[[list[int], torch.Tensor], torch.Tensor] | None = None) -> Iterator[int]:
         """Yield sampled token ids one at a time, using the incremental state.
 
+        ``mix(tokens so far, logits (V,))``, if given, returns the log-probabilities to sample from
+        instead (the model mixed with its n-gram cache, ``cachemix.py``).
         When the context fills up, the state is rebuilt from the last half-context of tokens.
         With ``draft_layers`` E, self-speculative decoding (model/layerskip.py): the same tokens
         greedily, the same distribution when sampling; ``stats`` (if given) counts the drafts.
@@ -115,18 +118,22 @@ class LM(nn.Module):
         require(top_k >= 0, f"top-k must be >= 0, got {top_k}")
         require(0 < top_p <= 1, f"top-p must be in (0, 1], got {top_p}")
         if draft_layers:
+            require(mix is None, "self-speculative decoding samples from the model alone (add --no-cache)")
             decoder = SelfSpeculative(self, draft_layers, draft_tokens, temperature, top_k, top_p, generator, stats)
             yield from decoder.generate(prompt, max_new_tokens)
             return
         device = self.embed.weight.device
         window = self.cfg.max_seq_len
         history = list(prompt)[-window:]
+        everything = list(prompt)
         state = self.init_state(1, window)
         logits, state = self.step(torch.tensor([history], device=device), state)
         for _ in range(max_new_tokens):
-            token = sample(logits[0, -1], temperature, top_k, top_p, generator)
+            scores = logits[0, -1] if mix is None else mix(everything, logits[0, -1])
+            token = sample(scores, temperature, top_k, top_p, generator)
             yield token
             history.append(token)
+            everything.append(token)
             if len(history) >= window:
                 history = history[-(window // 2):]
                 state = self.init_state(1, window)

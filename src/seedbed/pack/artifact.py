@@ -18,8 +18,9 @@ SHA-256, and only then decompresses. The uncompressed length is compared with wh
 codec produces, never used to size a buffer.
 
 The payload is ``u32 manifest length | manifest JSON | blobs``. The manifest holds the
-resolved config, where the tokenizer's bytes are, and for every tensor its name, storage
-kind, shape, kind parameters and byte range. Nothing in an artifact is executed: JSON and
+resolved config, where the tokenizer's bytes are, for every tensor its name, storage
+kind, shape, kind parameters and byte range, and where the n-gram cache's bytes are
+(``cachemix.TextCache.to_bytes``, checked by its own CRC32), if the model has one. Nothing in an artifact is executed: JSON and
 raw bytes only, decoded by the storage kinds in ``seedbed.pack.kinds``.
 """
 
@@ -107,6 +108,7 @@ class Artifact:
     file_size: int
     payload_size: int
     codec: str
+    cache: bytes | None = None  # the n-gram cache and its gate (cachemix.TextCache.to_bytes)
 
 
 def group_name(name: str) -> str:
@@ -116,7 +118,7 @@ def group_name(name: str) -> str:
 
 
 def build_payload(config: dict, state: dict[str, torch.Tensor], tokenizer_proto: bytes | None,
-                  rule: QuantRule, extra: dict[str, Any] | None = None) -> bytes:
+                  rule: QuantRule, extra: dict[str, Any] | None = None, cache: bytes | None = None) -> bytes:
     blobs, entries, offset = [], [], 0
     if tokenizer_proto is not None:
         blobs.append(tokenizer_proto)
@@ -128,7 +130,11 @@ def build_payload(config: dict, state: dict[str, torch.Tensor], tokenizer_proto:
                         "offset": offset, "length": len(data)})
         blobs.append(data)
         offset += len(data)
-    manifest = {"config": config, "tensors": entries, **(extra or {}),
+    cache_entry = None
+    if cache is not None:
+        cache_entry = {"offset": offset, "length": len(cache)}
+        blobs.append(cache)
+    manifest = {"config": config, "tensors": entries, **(extra or {}), "cache": cache_entry,
                 "tokenizer": None if tokenizer_proto is None else {"offset": 0, "length": len(tokenizer_proto)}}
     manifest_bytes = json.dumps(manifest, sort_keys=True, separators=(",", ":")).encode()
     return struct.pack("<I", len(manifest_bytes)) + manifest_bytes + b"".join(blobs)
@@ -197,7 +203,13 @@ def read_artifact(path: str | Path) -> Artifact:
     for entry in manifest["tensors"]:
         raw = bytes(blobs[entry["offset"]:entry["offset"] + entry["length"]])
         tensors[entry["name"]] = get_kind(entry["kind"]).decode(raw, entry["params"], tuple(entry["shape"]))
-    return Artifact(manifest["config"], proto, tensors, manifest, len(data), raw_len, CODECS[codec_id][0])
+    cache = None
+    if manifest.get("cache") is not None:
+        offset, length = manifest["cache"]["offset"], manifest["cache"]["length"]
+        if not (isinstance(offset, int) and isinstance(length, int) and 0 <= offset <= offset + length <= len(blobs)):
+            raise UserError(f"artifact {path} is corrupted (n-gram cache section out of bounds)")
+        cache = bytes(blobs[offset:offset + length])
+    return Artifact(manifest["config"], proto, tensors, manifest, len(data), raw_len, CODECS[codec_id][0], cache)
 
 
 def write_artifact(path: str | Path, data: bytes) -> None:

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from seedbed.cachemix import TextCache
 from seedbed.config import config_from_dict
 from seedbed.data import tokenizer_from_proto
 from seedbed.errors import UserError
@@ -59,7 +60,8 @@ def pack_model(loaded, out: str | Path, rule: QuantRule, budget: int | None = No
     rule = replace(rule, declared={**declared_storage_kinds(loaded.model), **rule.declared})
     state = {name: ternary_preimage(tensor) if rule.kind_for(name, tensor) == "ternary" else tensor
              for name, tensor in loaded.model.state_dict().items()}
-    payload = build_payload(loaded.config.to_dict(), state, loaded.tokenizer.model_proto, rule)
+    cache = loaded.cache.to_bytes() if loaded.cache is not None else None
+    payload = build_payload(loaded.config.to_dict(), state, loaded.tokenizer.model_proto, rule, cache=cache)
     data = encode_artifact(payload)
     if budget is not None and len(data) > budget:
         groups = defaultdict(int)
@@ -85,7 +87,8 @@ def load_artifact(path: str | Path):
     except RuntimeError:
         raise UserError(f"artifact {path} does not fit its own config (tensors missing or misshapen)") from None
     model.eval()
-    return LoadedModel(model, cfg, tokenizer_from_proto(artifact.tokenizer_proto), Path(path))
+    cache = None if artifact.cache is None else TextCache.from_bytes(artifact.cache, f"the n-gram cache in {path}")
+    return LoadedModel(model, cfg, tokenizer_from_proto(artifact.tokenizer_proto), Path(path), cache=cache)
 
 
 def describe(path: str | Path) -> str:
@@ -93,7 +96,8 @@ def describe(path: str | Path) -> str:
     artifact = read_artifact(path)
     manifest = artifact.manifest
     entries = manifest["tensors"]
-    manifest_bytes = artifact.payload_size - sum(e["length"] for e in entries) - (
+    cache_bytes = len(artifact.cache) if artifact.cache is not None else 0
+    manifest_bytes = artifact.payload_size - sum(e["length"] for e in entries) - cache_bytes - (
         manifest["tokenizer"]["length"] if manifest["tokenizer"] else 0)
     groups: dict[str, list] = defaultdict(lambda: [0, 0, set()])
     kinds: dict[str, list] = defaultdict(lambda: [0, 0])
@@ -119,6 +123,11 @@ def describe(path: str | Path) -> str:
              f"  {'tokenizer':40s} {manifest['tokenizer']['length'] if manifest['tokenizer'] else 0:>12,}"]
     lines += [f"  {name:40s} {size:>12,}  {params:>11,} params  {','.join(sorted(ks))}"
               for name, (params, size, ks) in groups.items()]
+    if artifact.cache is not None:
+        ngram = TextCache.from_bytes(artifact.cache, f"the n-gram cache in {path}").ngram
+        pairs = sum(len(table.tokens) for table in ngram.orders)
+        lines.append(f"  {'n-gram cache (counts LZMA, gate)':40s} {cache_bytes:>12,}  orders 1..{ngram.max_order}, "
+                     f"{pairs:,} (context, token) counts, {ngram.smoothing}")
     lines += [f"  {'total':40s} {artifact.payload_size:>12,}", "", "raw payload by storage kind:"]
     lines += [f"  {kind:10s} {size:>12,} bytes  {params:>11,} params  {8 * size / params:.2f} bits/param"
               for kind, (params, size) in sorted(kinds.items())]

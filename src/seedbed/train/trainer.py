@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from seedbed.cachemix import CACHE_FILE, TextCache, build_text_cache
 from seedbed.config import RunConfig, check_resume_config
 from seedbed.data import load_dataset
 from seedbed.errors import UserError
@@ -32,6 +33,7 @@ from seedbed.hardware import fast_bf16
 from seedbed.model import LM, count_parameters
 from seedbed.model.depths import depth_routing_metrics
 from seedbed.model.moe import routing_metrics
+from seedbed.ngram import NgramCache
 from seedbed.perf import matmul_peak, training_flops_per_token
 from seedbed.plot import plot_curves
 from seedbed.train.checkpoint import (CHECKPOINT_NAME, load_checkpoint, optimizer_tensors, restore_optimizers,
@@ -79,6 +81,7 @@ class TrainResult:
     mfu: float | None
     params: int
     val_answer_accuracy: float | None = None  # modular:P data: equations whose answer the argmax gets right
+    val_bpb_cache: float | None = None  # with the n-gram cache mixed in (cache.orders > 0)
 
 
 def pick_device(name: str, dist_info: Distributed) -> torch.device:
@@ -170,6 +173,7 @@ class Trainer:
         self.step, self.tokens_seen, self.train_seconds = 0, 0, 0.0
         self.timed_tokens, self.warmup_seconds = 0, 0.0  # tokens trained in timed steps; warm-up time
         self.last_val_bpb = float("nan")
+        self.val_bpb_cache: float | None = None
         if self.checkpoint is not None:
             self.restore(*self.checkpoint)
             self.checkpoint = None
@@ -412,6 +416,37 @@ class Trainer:
         if self.dist.world > 1:
             dist.barrier()
 
+    def build_cache(self) -> TextCache | None:
+        """The n-gram cache of the whole training stream (``cachemix.py``), written to the run folder.
+
+        Counted once, after training, in one pass over the split: exact counts of the text, which
+        counting the trainer's sampled windows (overlapping, some text twice, some never) would not
+        give. Under torchrun each rank counts its share of the stream (with the ``orders`` tokens
+        before it as context) and rank 0 merges them, equal to counting the whole in one process.
+        """
+        ccfg = self.cfg.cache
+        start = time.perf_counter()
+        tokens = np.asarray(self.data.train.tokens, np.int64)
+        bounds = np.linspace(0, len(tokens), self.dist.world + 1).astype(np.int64)
+        lo, hi = int(bounds[self.dist.rank]), int(bounds[self.dist.rank + 1])
+        first = max(0, lo - ccfg.orders)
+        mine = NgramCache.count(tokens[first:hi], self.cfg.model.vocab_size, ccfg.orders, ccfg.smoothing,
+                                ccfg.discount, context=lo - first)
+        parts = [mine] if self.dist.world == 1 else gather_caches(mine, self.device)
+        count_seconds = time.perf_counter() - start
+        if not self.dist.main:
+            return None
+        start = time.perf_counter()
+        cache = build_text_cache(self.model, tokens, self.cfg.model.vocab_size, ccfg.orders, fit_tokens=ccfg.fit_tokens,
+                                 stride=self.cfg.train.eval_stride, batch_size=self.cfg.train.batch_size,
+                                 ngram=NgramCache.merged(parts), device=self.device)
+        blob = cache.to_bytes()
+        atomic_write_bytes(self.run_dir / CACHE_FILE, blob)
+        self.log({"step": self.step, "cache_count_seconds": round(count_seconds, 3),
+                  "cache_fit_seconds": round(time.perf_counter() - start, 3), "cache_bytes": len(blob),
+                  "cache_orders": ccfg.orders})
+        return cache
+
     def mfu(self, tokens_per_second: float) -> float | None:
         if not self.peak:
             return None
@@ -431,6 +466,7 @@ class Trainer:
         if not in_sync:
             raise RuntimeError("ranks diverged: their weights differ after training")
         val_bpb, accuracy = float("nan"), None
+        cache = self.build_cache() if self.cfg.cache.orders else None
         if self.dist.main:
             result = self.evaluate()
             val_bpb = self.last_val_bpb = result.bpb
@@ -441,6 +477,12 @@ class Trainer:
                       "tokens_per_second_mean": tok_s, "mfu_mean": self.mfu(tok_s), "ranks_in_sync": in_sync,
                       "train_seconds": self.train_seconds, "warmup_seconds": self.warmup_seconds,
                       "world": self.dist.world, "params": count_parameters(self.model)})
+            if cache is not None:
+                with_cache = evaluate_bpb(self.model, self.data.val.tokens, self.data.val.n_bytes,
+                                          self.cfg.model.max_seq_len, self.cfg.train.eval_stride,
+                                          batch_size=self.cfg.train.batch_size, device=self.device, cache=cache)
+                self.val_bpb_cache = with_cache.bpb
+                self.log({"step": self.step, "val_bpb_cache": with_cache.bpb})
             self.save()
             plot_curves(self.run_dir / "metrics.jsonl", self.run_dir / "curve.png")
         if self.dist.world > 1:
@@ -448,4 +490,20 @@ class Trainer:
             dist.destroy_process_group()
         tok_s = self.timed_tokens / max(self.train_seconds, 1e-9)
         return TrainResult(self.run_dir, self.step, self.tokens_seen, self.train_seconds, self.warmup_seconds,
-                           val_bpb, tok_s, self.mfu(tok_s), count_parameters(self.model), accuracy)
+                           val_bpb, tok_s, self.mfu(tok_s), count_parameters(self.model), accuracy,
+                           self.val_bpb_cache)
+
+
+def gather_caches(mine: NgramCache, device: torch.device) -> list[NgramCache]:
+    """Every rank's cache, on every rank: their bytes all-gathered (padded to the longest)."""
+    blob = torch.frombuffer(bytearray(mine.to_bytes()), dtype=torch.uint8).to(device)
+    world = dist.get_world_size()
+    sizes = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(world)]
+    dist.all_gather(sizes, torch.tensor([len(blob)], dtype=torch.int64, device=device))
+    longest = int(max(size.item() for size in sizes))
+    padded = torch.zeros(longest, dtype=torch.uint8, device=device)
+    padded[:len(blob)] = blob
+    gathered = [torch.zeros(longest, dtype=torch.uint8, device=device) for _ in range(world)]
+    dist.all_gather(gathered, padded)
+    return [NgramCache.from_bytes(bytes(g[:int(size.item())].cpu().numpy()), "a rank's n-gram cache")
+            for g, size in zip(gathered, sizes, strict=True)]

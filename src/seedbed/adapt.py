@@ -1,0 +1,178 @@
+"""Scoring in coding order, with the n-gram cache and score-first adaptation (dynamic evaluation).
+
+The text's tokens are cut into S streams (segments) scored side by side, position p of every
+stream at once, exactly as ``seedbed compress`` codes them: ``StreamScorer`` gives the
+distribution of the next token of every stream, the coder (or ``seedbed eval --adapt``, which
+only adds up -log2 p) uses it, and ``feed`` hands over the true tokens. So compress and eval
+see the same distributions, and the coded size is the evaluated bits to within the coder's
+rounding.
+
+Adaptation, every ``every`` positions (S x ``every`` tokens), after those tokens are scored:
+
+- cache: the online n-gram cache is recounted over every token scored so far (each stream
+  its own segment), and its counts add to the trained ones at lookup (``NgramCache.chain``);
+- mixer: the gate W is refitted (``mixer_iterations`` L-BFGS iterations from its current
+  value) to every position scored so far, each with the sources' probabilities it was scored with;
+- model (``model_lr`` > 0): one Adam step on the model's cross-entropy of the tokens just
+  scored (each stream's last ``every`` targets, with the window before them as context), in
+  eval mode (no dropout or sampling: a deterministic update), then the incremental state is
+  rebuilt from the new weights.
+
+Nothing learns from a token before it has been scored: an update at position p uses tokens
+< p, and the distributions at positions >= p come after it. Encoder and decoder run the same
+updates on the same tokens in the same order, so (same machine kind, same torch) they stay
+bit-identical; the compressed file's header records the options.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from seedbed.cachemix import CacheMixer, TextCache, gate_features
+from seedbed.errors import UserError
+from seedbed.eval import EvalResult, check_normalised
+from seedbed.ngram import NgramCache
+
+
+@dataclass(frozen=True)
+class AdaptOptions:
+    every: int = 32  # positions per stream between updates
+    mixer_iterations: int = 5  # L-BFGS iterations refitting the gate per update (0: keep it)
+    model_lr: float = 0.0  # Adam learning rate of the model's update (0: the model stays as trained)
+
+    def check(self) -> None:
+        if not 1 <= self.every <= 65535:
+            raise UserError(f"--adapt-every must be in 1..65535, got {self.every}")
+        if not 0 <= self.mixer_iterations <= 65535:
+            raise UserError(f"--adapt-mixer-iterations must be in 0..65535, got {self.mixer_iterations}")
+        if not (math.isfinite(self.model_lr) and 0 <= self.model_lr < 1):
+            raise UserError(f"--adapt-lr must be in [0, 1), got {self.model_lr}")
+
+
+class StreamScorer:
+    """Next-token distributions for ``streams`` segments in coding order (see the module docstring)."""
+
+    def __init__(self, model, streams: int, stride: int, cache: TextCache | None = None,
+                 adapt: AdaptOptions | None = None, length: int = 0):
+        if adapt is not None and adapt.model_lr > 0:
+            model = copy.deepcopy(model)  # the caller's model stays as it was
+        if cache is not None:
+            cache = TextCache(cache.ngram, CacheMixer(cache.mixer.weights.clone()))  # the gate refits
+        self.model, self.streams, self.cache, self.adapt = model, streams, cache, adapt
+        self.vocab = model.cfg.vocab_size
+        self.context = model.cfg.max_seq_len
+        self.keep = self.context - stride + 1  # tokens kept when the window slides
+        self.rows = np.zeros((streams, max(length, 1)), np.int64)
+        self.real_length = np.zeros(streams, np.int64)  # real tokens fed per stream (the last may stop early)
+        self.position = 0
+        self.state, self.filled, self.rebuild = None, 0, False
+        self.online: NgramCache | None = None
+        self.scored_sources: list[torch.Tensor] = []
+        self.scored_features: list[torch.Tensor] = []
+        self.pending: tuple[torch.Tensor, torch.Tensor] | None = None  # this position's sources and features
+        self.optimizer = (torch.optim.Adam(model.parameters(), lr=adapt.model_lr)
+                          if adapt is not None and adapt.model_lr > 0 else None)
+
+    @torch.no_grad()
+    def model_log_probs(self) -> torch.Tensor:
+        """The model's log p(. | stream so far) (float64, (S, V))."""
+        p = self.position
+        if self.state is None or self.filled == self.context or self.rebuild:
+            start = max(0, p - self.keep) if (self.state is not None or self.rebuild) else 0
+            self.state = self.model.init_state(self.streams, self.context)
+            logits, self.state = self.model.step(torch.from_numpy(self.rows[:, start:p]), self.state)
+            self.filled, self.rebuild = p - start, False
+        else:
+            logits, self.state = self.model.step(torch.from_numpy(self.rows[:, p - 1:p]), self.state)
+            self.filled += 1
+        return torch.log_softmax(logits[:, -1].double(), -1)
+
+    def next_probs(self) -> torch.Tensor:
+        """p(next token of every stream | its tokens so far) (float64, (S, V)); uniform at position 0."""
+        if self.position == 0:
+            self.pending = None
+            return torch.full((self.streams, self.vocab), 1.0 / self.vocab, dtype=torch.float64)
+        log_probs = self.model_log_probs()
+        if self.cache is None:
+            return log_probs.exp()
+        order = self.cache.ngram.max_order
+        p = self.position
+        # Each stream's last K tokens and a slot for the next, laid end to end.
+        width = order + 1
+        window = np.zeros((self.streams, width), np.int64)
+        take = min(p, order)
+        window[:, order - take:order] = self.rows[:, p - take:p]
+        positions = np.arange(self.streams) * width + order
+        chain, confidence = self.cache.ngram.chain(window.reshape(-1), positions, online=self.online,
+                                                   available=np.full(self.streams, take))
+        probs = self.cache.mixer.mix(log_probs, chain, confidence)
+        if self.adapt is not None and self.adapt.mixer_iterations:
+            self.pending = (torch.cat([log_probs.exp()[:, None], chain], 1), gate_features(log_probs, confidence))
+        return probs
+
+    def feed(self, tokens: np.ndarray, real: np.ndarray) -> None:
+        """The true next token of every stream (``real``: the streams that had one)."""
+        p = self.position
+        self.rows[:, p] = tokens
+        self.real_length[real] = p + 1
+        if self.pending is not None:
+            everything, features = self.pending
+            index = torch.from_numpy(np.asarray(tokens, np.int64))[:, None, None].expand(-1, everything.shape[1], 1)
+            mask = torch.from_numpy(real)
+            self.scored_sources.append(everything.gather(-1, index)[..., 0][mask])
+            self.scored_features.append(features[mask])
+        self.position = p + 1
+        if self.adapt is not None and self.position % self.adapt.every == 0:
+            self.update()
+
+    def update(self) -> None:
+        p = self.position
+        if self.cache is not None:
+            segments = [self.rows[j, :self.real_length[j]] for j in range(self.streams)]
+            self.online = NgramCache.count(segments, self.vocab, self.cache.ngram.max_order)
+            if self.adapt.mixer_iterations and self.scored_sources:
+                self.cache.mixer = self.cache.mixer.fitted(torch.cat(self.scored_sources),
+                                                           torch.cat(self.scored_features),
+                                                           self.adapt.mixer_iterations)
+        if self.optimizer is not None and p >= 2:
+            window = min(p - 1, self.context)
+            scored = min(self.adapt.every, window)
+            inputs = torch.from_numpy(self.rows[:, p - 1 - window:p - 1])
+            targets = torch.from_numpy(self.rows[:, p - window:p].copy())
+            targets[:, :window - scored] = -100  # context only: the tokens just scored are the last ones
+            targets[torch.from_numpy(np.arange(p - window, p)[None, :] >= self.real_length[:, None])] = -100
+            self.model.eval()
+            with torch.enable_grad():
+                loss = F.nll_loss(self.model.log_probs(inputs).reshape(-1, self.vocab).float(), targets.reshape(-1),
+                                  ignore_index=-100)
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+            self.optimizer.step()
+            self.rebuild = True
+
+
+def score_streams(model, tokens: np.ndarray, n_bytes: int, streams: int, stride: int,
+                  cache: TextCache | None, adapt: AdaptOptions | None) -> EvalResult:
+    """``seedbed eval --adapt``: the bits ``seedbed compress`` would spend, without the coder."""
+    from seedbed.codec import code_positions, pick_streams, segment
+
+    start = time.perf_counter()
+    tokens = np.asarray(tokens, np.int64)
+    streams = pick_streams(len(tokens), streams)
+    rows, length = segment(tokens, streams)
+    scorer = StreamScorer(model, streams, stride, cache, adapt, length)
+    bits = 0.0
+    for p, real in code_positions(streams, length, len(tokens)):
+        probs = scorer.next_probs()
+        check_normalised(probs.log())
+        picked = probs[torch.from_numpy(real), torch.from_numpy(rows[real, p])]
+        bits -= torch.log2(picked).sum().item()
+        scorer.feed(rows[:, p], real)
+    return EvalResult(bits=bits, tokens=len(tokens), n_bytes=n_bytes, seconds=time.perf_counter() - start)
