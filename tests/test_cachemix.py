@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from seedbed.adapt import AdaptOptions, StreamScorer, score_streams
-from seedbed.cachemix import CacheMixer, TextCache, build_text_cache, gate_features
+from seedbed.cachemix import CacheMixer, TextCache, build_text_cache, gate_features, n_features
 from seedbed.codec import artifact_digest, code_positions, compress_bytes, decompress_bytes, segment
 from seedbed.data import load_dataset
 from seedbed.errors import UserError
@@ -45,14 +45,14 @@ def model_log_probs(model, tokens: np.ndarray) -> torch.Tensor:
 
 def test_mixture_equals_the_plain_sum_and_is_normalised(cached, held_out):
     tokens = held_out[:64]
-    mixer = CacheMixer(torch.randn(ORDERS + 2, 2 * ORDERS + 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0)))
+    mixer = CacheMixer(torch.randn(ORDERS + 2, n_features(ORDERS), dtype=torch.float64, generator=torch.Generator().manual_seed(0)))
     cache = TextCache(cached.cache.ngram, mixer)
     positions = np.arange(1, len(tokens))
     logp_model = model_log_probs(cached.model, tokens)[:-1]  # row t - 1 predicts token t
     mixed = cache.log_probs(tokens, positions, logp_model).exp()
     ngram = cached.cache.ngram
-    _, confidence = ngram.chain(tokens, positions)
-    gates = mixer.gate(gate_features(logp_model, confidence))
+    chain, confidence = ngram.chain(tokens, positions)
+    gates = mixer.gate(gate_features(logp_model, chain, confidence))
     for row, t in enumerate(positions):
         # Each order's distribution from the plain reference: the cache cut to its first k orders.
         orders = [NgramCache(ngram.vocab, ngram.unigram, ngram.orders[:k]).distribution_reference(tokens.tolist(), t)
@@ -86,8 +86,8 @@ def test_the_fitted_gate_beats_the_model_and_the_cache_alone(cached, held_out, t
     mixed = evaluate_bpb(cached.model, held_out, n_bytes, context, cache=cached.cache).bpb
     model_alone = evaluate_bpb(cached.model, held_out, n_bytes, context).bpb
     uniform_gate = TextCache(cached.cache.ngram, CacheMixer.uniform(ORDERS))
-    cache_mostly = TextCache(cached.cache.ngram, CacheMixer(torch.cat([torch.full((1, 2 * ORDERS + 3), -30.0),
-                                                                      torch.zeros(ORDERS + 1, 2 * ORDERS + 3)]).double()))
+    cache_mostly = TextCache(cached.cache.ngram, CacheMixer(torch.cat([torch.full((1, n_features(ORDERS)), -30.0),
+                                                                      torch.zeros(ORDERS + 1, n_features(ORDERS))]).double()))
     assert mixed < model_alone
     assert mixed < evaluate_bpb(cached.model, held_out, n_bytes, context, cache=uniform_gate).bpb
     assert mixed < evaluate_bpb(cached.model, held_out, n_bytes, context, cache=cache_mostly).bpb

@@ -177,16 +177,25 @@ def test_cli_train_eval_generate_on_default_corpus(tmp_path):
     assert again.stdout == sample.stdout
 
 
-@pytest.mark.parametrize("preset", ["golf-gpt", "golf-seeded"])
+@pytest.mark.parametrize("preset", ["golf-gpt", "golf-seeded", "golf"])
 def test_golf_presets_train_with_sentencepiece(preset, tmp_path, small_corpus):
     """The golf shape (GQA 8/4, LeakyReLU(0.5)^2, SentencePiece 1024) trains and samples, shrunk in depth
     (on 72 kB of Shakespeare: the full val split at width 512 would take most of the test's time)."""
     run = tmp_path / "golf"
     out = seedbed("train", "--preset", preset, "--steps", "2", "--data", str(small_corpus), "--out", str(run),
                   "--no-progress",
-                  "model.n_layers=1", "model.max_seq_len=128", "train.batch_size=2", "train.eval_stride=128")
+                  "model.n_layers=1", "model.max_seq_len=128", "train.batch_size=2", "train.eval_stride=128",
+                  "cache.fit_tokens=1000")
     assert out.returncode == 0, out.stderr
     assert "sp (vocab 1024)" in out.stderr and (run / "tokenizer.model").is_file()
+    assert (run / "cache.bin").is_file() == (preset == "golf")
+    if preset == "golf":  # the cache of SentencePiece tokens, packed under the parameter-golf budget
+        with_cache = float(out.stdout.split("with the n-gram cache ")[1].split(")")[0])
+        assert with_cache < float(out.stdout.split("val bpb ")[1].split()[0]) - 0.5
+        packed = seedbed("pack", str(run), "-o", str(tmp_path / "golf.seedbed"), "--budget", "16000000",
+                         "--eval-tokens", "-1")
+        assert packed.returncode == 0, packed.stderr
+        assert "n-gram cache" in seedbed("info", str(tmp_path / "golf.seedbed")).stdout
     val_bpb = float(out.stdout.split("val bpb ")[1].split()[0])
     assert 3.0 < val_bpb < 4.5  # near uniform after 2 steps: 10 bits per token / ~2.3 bytes per token
     sample = seedbed("generate", str(run), "--prompt", "KING.", "--tokens", "10", "--seed", "1")

@@ -14,7 +14,8 @@ Adaptation, every ``every`` positions (S x ``every`` tokens), after those tokens
 - mixer: the gate W is refitted (``mixer_iterations`` L-BFGS iterations from its current
   value) to every position scored so far, each with the sources' probabilities it was scored with;
 - model (``model_lr`` > 0): one Adam step on the model's cross-entropy of the tokens just
-  scored (each stream's last ``every`` targets, with the window before them as context), in
+  scored (each stream's last ``every`` targets, with up to 3 x ``every`` tokens before them
+  as context, within the model's context), in
   eval mode (no dropout or sampling: a deterministic update), then the incremental state is
   rebuilt from the new weights.
 
@@ -114,7 +115,7 @@ class StreamScorer:
                                                    available=np.full(self.streams, take))
         probs = self.cache.mixer.mix(log_probs, chain, confidence)
         if self.adapt is not None and self.adapt.mixer_iterations:
-            self.pending = (torch.cat([log_probs.exp()[:, None], chain], 1), gate_features(log_probs, confidence))
+            self.pending = (torch.cat([log_probs.exp()[:, None], chain], 1), gate_features(log_probs, chain, confidence))
         return probs
 
     def feed(self, tokens: np.ndarray, real: np.ndarray) -> None:
@@ -142,7 +143,9 @@ class StreamScorer:
                                                            torch.cat(self.scored_features),
                                                            self.adapt.mixer_iterations)
         if self.optimizer is not None and p >= 2:
-            window = min(p - 1, self.context)
+            # The tokens just scored and up to three times as many before them as context: a model
+            # of long context would otherwise run a whole window per stream for each update.
+            window = min(p - 1, self.context, 4 * self.adapt.every)
             scored = min(self.adapt.every, window)
             inputs = torch.from_numpy(self.rows[:, p - 1 - window:p - 1])
             targets = torch.from_numpy(self.rows[:, p - window:p].copy())

@@ -7,10 +7,10 @@ vocabulary.
 Gate. A feature vector of the context alone,
 
     f(t) = [1, log(1 + n_k(c_k)) / 8 for k = 1..K, escape_k(c_k) for k = 1..K,
-            H(p_M) / log V, max_v p_M(v)]                                  (F = 2K + 3 values)
+            H(p_M) / log V, max_v p_M(v), max_v p_k(v) for k = 0..K]       (F = 3K + 4 values)
 
 (how often the cache saw each order's context and how often it escaped from it, how sure the
-model is), and weights g(t) = softmax(W f(t)) over the sources, W of shape (S, F). The mixture
+model and each order are), and weights g(t) = softmax(W f(t)) over the sources, W of shape (S, F). The mixture
 
     p(v | x_<t) = sum_s g_s(t) p_s(v | x_<t)
 
@@ -48,17 +48,18 @@ COUNT_SCALE = 8.0  # log(1 + n) of a context seen thousands of times is ~8
 
 
 def n_features(max_order: int) -> int:
-    return 2 * max_order + 3
+    return 3 * max_order + 4
 
 
-def gate_features(model_log_probs: torch.Tensor, confidence: torch.Tensor) -> torch.Tensor:
-    """f(t) (float64, (P, F)) from the model's log-probabilities (P, V) and the cache's confidence (P, K, 2)."""
+def gate_features(model_log_probs: torch.Tensor, chain: torch.Tensor, confidence: torch.Tensor) -> torch.Tensor:
+    """f(t) (float64, (P, F)) from the model's log-probabilities (P, V), the cache's chain (P, K+1, V)
+    and its confidence (P, K, 2)."""
     log_probs = model_log_probs.double()
     probs = log_probs.exp()
     entropy = -(probs * log_probs).sum(-1, keepdim=True) / math.log(log_probs.shape[-1])
     ones = torch.ones(len(log_probs), 1, dtype=torch.float64)
     return torch.cat([ones, confidence[:, :, 0] / COUNT_SCALE, confidence[:, :, 1], entropy,
-                      probs.max(-1, keepdim=True).values], 1)
+                      probs.max(-1, keepdim=True).values, chain.max(-1).values], 1)
 
 
 @dataclass
@@ -74,7 +75,7 @@ class CacheMixer:
 
     def mix(self, model_log_probs: torch.Tensor, chain: torch.Tensor, confidence: torch.Tensor) -> torch.Tensor:
         """p(. | x_<t) (float64, (P, V)) from the model's log-probabilities (P, V) and the cache's chain (P, K+1, V)."""
-        gate = self.gate(gate_features(model_log_probs, confidence))
+        gate = self.gate(gate_features(model_log_probs, chain, confidence))
         return gate[:, 0, None] * model_log_probs.double().exp() + (gate[:, 1:, None] * chain).sum(1)
 
     def fitted(self, target_probs: torch.Tensor, features: torch.Tensor, iterations: int = 100) -> "CacheMixer":
@@ -122,7 +123,7 @@ class TextCache:
         targets = torch.from_numpy(np.asarray(tokens, np.int64)[positions])
         model_probs = model_log_probs.double().exp().gather(-1, targets[:, None])
         cache_probs = chain.gather(-1, targets[:, None, None].expand(-1, chain.shape[1], 1))[..., 0]
-        return torch.cat([model_probs, cache_probs], 1), gate_features(model_log_probs, confidence)
+        return torch.cat([model_probs, cache_probs], 1), gate_features(model_log_probs, chain, confidence)
 
     def to_bytes(self) -> bytes:
         sources, features = self.mixer.weights.shape

@@ -150,10 +150,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = commands.add_parser("bench", help="benchmarks that write a table to BENCHMARKS.md")
     bench.add_argument("suite", choices=("train", "codec", "seeds", "mixkabrn", "hybrid", "hourglass", "peer",
-                                          "grokfast", "architectures"))
+                                          "grokfast", "architectures", "golf"))
     bench.add_argument("--minutes", type=positive_float, default=10.0,
                        help="train: budget for the bpb row; seeds, mixkabrn, hybrid, hourglass, grokfast, "
-                            "architectures: training budget of every model")
+                            "architectures, golf: training budget of every model")
     bench.add_argument("--artifact", help="codec: the packed model to compress with")
     bench.add_argument("--variant", action="append", metavar="'NAME: key=value ...'",
                        help="train: a variant of the default preset to time and train beside the others (repeat)")
@@ -371,6 +371,7 @@ def cmd_presets(args: argparse.Namespace) -> None:
 
 def cmd_bench(args: argparse.Namespace) -> None:
     from seedbed.bench.architectures import bench_architectures
+    from seedbed.bench.golf import bench_golf
     from seedbed.bench.grokfast import bench_grokfast
     from seedbed.bench.hourglass import bench_hourglass
     from seedbed.bench.hybrid import bench_hybrid
@@ -394,6 +395,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
         bench_peer(Path(args.output))
     elif args.suite == "architectures":
         bench_architectures(args.minutes, Path(args.output))
+    elif args.suite == "golf":
+        bench_golf(args.minutes, Path(args.output))
     elif not args.artifact or not Path(args.artifact).is_file():
         raise UserError("bench codec needs --artifact FILE (make one with seedbed pack RUN)")
     else:

@@ -227,20 +227,23 @@ class NgramCache:
         high bytes of small numbers are runs of zeros) and the whole LZMA-compressed.
 
         Layout: header (``HEADER``: magic, version, smoothing, orders, vocab, discount, raw
-        length, CRC32 of the raw bytes), then LZMA of: unigram (u64 x V), and per order
-        C, F (u64 each), key gaps (u64 x C), followers per context (u32 x C), followers
-        (u32 x F), counts (u64 x F), each as byte planes.
+        length, CRC32 of the raw bytes), then LZMA of: unigram (u64 x V), and per order C, F (u64
+        each) and the width of its counts in bytes (u8), key gaps (u64 x C), followers per
+        context (C), followers (F), counts (F), each in the narrowest unsigned type that holds
+        it (V for the followers per context, V - 1 for the followers) and as byte planes.
         """
+        token_type, distinct_type = narrowest(self.vocab - 1), narrowest(self.vocab)
         parts = [planes(self.unigram, np.uint64)]
         for table in self.orders:
             gaps = np.diff(table.keys, prepend=np.uint64(0))
-            parts += [struct.pack("<QQ", len(table.keys), len(table.tokens)), planes(gaps, np.uint64),
-                      planes(table.distinct, np.uint32), planes(table.tokens, np.uint32),
-                      planes(table.counts, np.uint64)]
+            count_type = narrowest(int(table.counts.max()) if len(table.counts) else 0)
+            parts += [struct.pack("<QQB", len(table.keys), len(table.tokens), np.dtype(count_type).itemsize),
+                      planes(gaps, np.uint64), planes(table.distinct, distinct_type),
+                      planes(table.tokens, token_type), planes(table.counts, count_type)]
         raw = b"".join(parts)
         header = HEADER.pack(MAGIC, VERSION, SMOOTHINGS.index(self.smoothing), self.max_order, self.vocab,
                              self.discount, len(raw), zlib.crc32(raw))
-        return header + lzma.compress(raw, preset=9 | lzma.PRESET_EXTREME)
+        return header + lzma.compress(raw, preset=9)
 
     @classmethod
     def from_bytes(cls, blob: bytes, where: str = "n-gram cache") -> "NgramCache":
@@ -266,14 +269,17 @@ class NgramCache:
         if len(raw) != raw_len or zlib.crc32(raw) != crc:
             raise bad("checksum mismatch")
         reader = PlaneReader(raw, bad)
+        token_type, distinct_type = narrowest(vocab - 1), narrowest(vocab)
         unigram = reader.array(vocab, np.uint64).astype(np.int64)
         orders = []
         for _ in range(max_order):
-            n_contexts, n_followers = reader.sizes()
+            n_contexts, n_followers, count_width = reader.sizes()
+            if count_width not in (1, 2, 4, 8):
+                raise bad("count width out of range")
             keys = np.cumsum(reader.array(n_contexts, np.uint64), dtype=np.uint64)
-            distinct = reader.array(n_contexts, np.uint32).astype(np.int64)
-            tokens = reader.array(n_followers, np.uint32).astype(np.int64)
-            counts = reader.array(n_followers, np.uint64).astype(np.int64)
+            distinct = reader.array(n_contexts, distinct_type).astype(np.int64)
+            tokens = reader.array(n_followers, token_type).astype(np.int64)
+            counts = reader.array(n_followers, np.dtype(f"u{count_width}")).astype(np.int64)
             offsets = np.concatenate([[0], np.cumsum(distinct)]).astype(np.int64)
             if (n_contexts and (distinct.min() < 1 or (n_contexts > 1 and (np.diff(keys) == 0).any())
                                 or (keys[1:] < keys[:-1]).any())) or offsets[-1] != n_followers:
@@ -343,6 +349,11 @@ def reduce_pairs(keys: np.ndarray, followers: np.ndarray, weights: np.ndarray | 
                       totals.astype(np.int64))
 
 
+def narrowest(largest: int):
+    """The narrowest unsigned integer type that holds 0..``largest``."""
+    return next(t for t in (np.uint8, np.uint16, np.uint32, np.uint64) if largest <= np.iinfo(t).max)
+
+
 def planes(values: np.ndarray, dtype) -> bytes:
     """``values`` as ``dtype`` little-endian, byte plane by byte plane (all lowest bytes first)."""
     array = np.ascontiguousarray(np.asarray(values).astype(np.dtype(dtype).newbyteorder("<")))
@@ -361,8 +372,8 @@ class PlaneReader:
         self.at += n
         return self.raw[self.at - n:self.at]
 
-    def sizes(self) -> tuple[int, int]:
-        return struct.unpack("<QQ", self.take(16))
+    def sizes(self) -> tuple[int, int, int]:
+        return struct.unpack("<QQB", self.take(17))
 
     def array(self, count: int, dtype) -> np.ndarray:
         width = np.dtype(dtype).itemsize
