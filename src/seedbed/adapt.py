@@ -46,7 +46,7 @@ from seedbed.ngram import NgramCache
 class AdaptOptions:
     every: int = 32  # positions per stream between updates
     mixer_iterations: int = 5  # L-BFGS iterations refitting the gate per update (0: keep it)
-    model_lr: float = 0.0  # Adam learning rate of the model's update (0: the model stays as trained)
+    model_lr: float = 1e-3  # Adam learning rate of the model's update (0: the model stays as trained)
 
     def check(self) -> None:
         if not 1 <= self.every <= 65535:

@@ -278,14 +278,18 @@ def cmd_pack(args: argparse.Namespace) -> None:
     result = pack_model(loaded, out, rule, args.budget)
     print(f"wrote {out}: {result.size:,} bytes ({result.codec}; {result.payload_size:,} bytes before compression)")
     if args.eval_tokens >= 0:
-        after = load_artifact(out).evaluate_split(loaded.config.data.spec, "val", max_tokens=args.eval_tokens)
+        packed = load_artifact(out)
+        after = packed.evaluate_split(loaded.config.data.spec, "val", max_tokens=args.eval_tokens, use_cache=False)
         if args.eval_tokens == 0 and loaded.recorded_val_bpb is not None:
             before, source = loaded.recorded_val_bpb, "as the run recorded it"
         else:
-            before, source = loaded.evaluate_split(loaded.config.data.spec, "val", max_tokens=args.eval_tokens).bpb, \
-                "recomputed"
+            before, source = loaded.evaluate_split(loaded.config.data.spec, "val", max_tokens=args.eval_tokens,
+                                                   use_cache=False).bpb, "recomputed"
         print(f"val bpb before packing {before:.4f} ({source})  after {after.bpb:.4f}  gap {after.bpb - before:+.4f}  "
               f"({after.tokens:,} tokens)")
+        if packed.cache is not None:
+            mixed = packed.evaluate_split(loaded.config.data.spec, "val", max_tokens=args.eval_tokens)
+            print(f"val bpb of the packed model with its n-gram cache {mixed.bpb:.4f}")
 
 
 def cmd_info(args: argparse.Namespace) -> None:
