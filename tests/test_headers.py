@@ -139,7 +139,22 @@ def test_other_compressed_format_version_is_named(files, tmp_path, capsys):
     bad.write_bytes(data[:4] + bytes([1]) + data[5:])
     out = tmp_path / "out.txt"
     assert_one_error(capsys, ["decompress", str(files["artifact"]), str(bad), "-o", str(out)], out,
-                     "format version 1; this seedbed reads version 2")
+                     f"format version 1; this seedbed reads version {codec.VERSION}")
+
+
+FLAGS, RESERVED, EVERY, ITERATIONS, RESERVED2, LR = 96, 97, 98, 100, 102, 104
+
+
+def test_cache_and_adaptation_fields_are_checked(files, tmp_path, capsys):
+    # The test artifact has no n-gram cache, and the file was coded without adaptation.
+    decompress_tampered(files, tmp_path, capsys, {FLAGS: ("<B", 4)}, "unknown flags or reserved bytes")
+    decompress_tampered(files, tmp_path, capsys, {RESERVED2: ("<H", 1)}, "unknown flags or reserved bytes")
+    decompress_tampered(files, tmp_path, capsys, {FLAGS: ("<B", 1)}, "n-gram cache this artifact does not have")
+    decompress_tampered(files, tmp_path, capsys, {EVERY: ("<H", 32)}, "adaptation options without adaptation")
+    decompress_tampered(files, tmp_path, capsys, {FLAGS: ("<B", 2), EVERY: ("<H", 0)},
+                        "adaptation options out of range")
+    decompress_tampered(files, tmp_path, capsys, {FLAGS: ("<B", 2), EVERY: ("<H", 8), LR: ("<d", float("nan"))},
+                        "adaptation options out of range")
 
 
 def test_unresealed_header_fails_its_checksum(files, tmp_path, capsys):
