@@ -3,8 +3,6 @@ normalised, causal, equal to a plain reference, stored exactly, coded byte-exact
 learning from a token before it is scored."""
 
 import json
-import os
-import subprocess
 
 import numpy as np
 import pytest
@@ -20,7 +18,7 @@ from seedbed.loaded import LoadedModel
 from seedbed.ngram import NgramCache
 from seedbed.pack.artifact import QuantRule
 from seedbed.pack.pack import describe, load_artifact, pack_model
-from test_train import TINY, TORCHRUN, needs_torchrun, seedbed
+from test_train import TINY, needs_torchrun, seedbed, train_under_torchrun
 
 ORDERS = 3
 
@@ -80,7 +78,7 @@ def evaluate_bpb_rows(cached, tokens):
     return cached.cache.log_probs(tokens, np.arange(1, len(tokens)), logp)
 
 
-def test_the_fitted_gate_beats_the_model_and_the_cache_alone(cached, held_out, tiny_model):
+def test_the_fitted_gate_beats_the_model_and_the_cache_alone(cached, held_out):
     n_bytes = len(held_out)
     context = cached.config.model.max_seq_len
     mixed = evaluate_bpb(cached.model, held_out, n_bytes, context, cache=cached.cache).bpb
@@ -212,12 +210,7 @@ def test_cli_trains_a_cache_then_eval_compress_and_no_cache(small_corpus, tmp_pa
 @needs_torchrun
 def test_cache_counted_by_two_gloo_ranks_equals_one_process(small_corpus, tmp_path):
     run = tmp_path / "ddp"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    out = subprocess.run([TORCHRUN, "--standalone", "--nproc_per_node", "2", "-m", "seedbed", "train",
-                          "--out", str(run), "--steps", "4", "--data", str(small_corpus), "--no-progress", *TINY,
-                          "cache.orders=4", "cache.fit_tokens=1000"],
-                         capture_output=True, text=True, timeout=300, env=env)
-    assert out.returncode == 0, out.stderr[-3000:]
+    train_under_torchrun(run, small_corpus, 4, "cache.orders=4", "cache.fit_tokens=1000")
     merged = TextCache.from_bytes((run / "cache.bin").read_bytes()).ngram
     whole = NgramCache.count(load_dataset(str(small_corpus)).train.tokens, 256, 4)
     assert np.array_equal(merged.unigram, whole.unigram)

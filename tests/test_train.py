@@ -131,15 +131,21 @@ SHARED_STACK = ["model.n_layers=4", 'model.pattern=["default", "attn"]',
                 'lora_rank=2, input="hidden+embedding"}}']
 
 
+def train_under_torchrun(run: Path, corpus: Path, steps: int, *overrides: str) -> subprocess.CompletedProcess:
+    """``seedbed train`` of the TINY model on two gloo ranks; fails the test unless it succeeds."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([TORCHRUN, "--standalone", "--nproc_per_node", "2", "-m", "seedbed", "train",
+                          "--out", str(run), "--steps", str(steps), "--data", str(corpus), "--no-progress", *TINY,
+                          *overrides],
+                         capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out
+
+
 @needs_torchrun
 def test_ddp_two_processes_stay_in_sync(small_corpus, tmp_path):
     run = tmp_path / "ddp"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    out = subprocess.run([TORCHRUN, "--standalone", "--nproc_per_node", "2", "-m", "seedbed", "train",
-                          "--out", str(run), "--steps", "6", "--data", str(small_corpus), "--no-progress", *TINY,
-                          *SHARED_STACK],
-                         capture_output=True, text=True, timeout=300, env=env)
-    assert out.returncode == 0, out.stderr[-3000:]
+    out = train_under_torchrun(run, small_corpus, 6, *SHARED_STACK)
     final = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
     assert final["world"] == 2 and final["ranks_in_sync"] is True
     # Two ranks see twice the tokens of one process with the same per-rank batch.
