@@ -62,6 +62,29 @@ def test_mixture_equals_the_plain_sum_and_is_normalised(cached, held_out):
     torch.testing.assert_close(mixed.sum(-1), torch.ones(len(positions), dtype=torch.float64), rtol=0, atol=1e-6)
 
 
+def test_the_widened_gate_weighs_the_trained_sources_as_before(cached, held_out):
+    """Widening adds the online sources and features at zero: on any features the trained
+    sources' gate logits are unchanged, and the new sources' logits are 0."""
+    tokens = held_out[:64]
+    positions = np.arange(1, len(tokens))
+    mixer = CacheMixer(torch.randn(ORDERS + 2, n_features(ORDERS), dtype=torch.float64,
+                                   generator=torch.Generator().manual_seed(1)))
+    logp_model = model_log_probs(cached.model, tokens)[:-1]
+    chain, confidence = cached.cache.ngram.chain(tokens, positions)
+    online_orders = ORDERS + 2
+    online = NgramCache.count(held_out[:32], 256, online_orders)
+    own, own_confidence = online.chain(tokens, positions)
+    wide_features = gate_features(logp_model, torch.cat([chain, own], 1), torch.cat([confidence, own_confidence], 1))
+    wide = mixer.widened(ORDERS, online_orders)
+    assert wide.weights.shape == (ORDERS + online_orders + 3, wide_features.shape[1])
+    logits = wide_features @ wide.weights.T
+    torch.testing.assert_close(logits[:, :ORDERS + 2], gate_features(logp_model, chain, confidence) @ mixer.weights.T,
+                               rtol=1e-12, atol=1e-12)
+    assert (logits[:, ORDERS + 2:] == 0).all()
+    with pytest.raises(ValueError, match="widens"):
+        wide.widened(ORDERS, online_orders)
+
+
 def test_mixture_never_reads_the_future(cached, held_out):
     tokens = held_out[:300]
     t = 150
@@ -158,6 +181,23 @@ def test_adaptation_never_learns_a_token_before_scoring_it(cached, held_out, cha
         runs.append(torch.stack(seen))
     torch.testing.assert_close(runs[0][:changed_at + 1], runs[1][:changed_at + 1], rtol=0, atol=0)
     assert not torch.equal(runs[0][changed_at + 1:], runs[1][changed_at + 1:])
+
+
+def test_the_online_counts_merged_update_by_update_equal_counting_everything_scored(cached, held_out):
+    tokens = held_out[:1003]  # streams of unequal length: the last one stops early
+    streams, adapt = 3, AdaptOptions(every=7, mixer_iterations=1, model_lr=0)
+    rows, length = segment(tokens, streams)
+    scorer = StreamScorer(cached.model, streams, 32, cached.cache, adapt, length)
+    for p, real in code_positions(streams, length, len(tokens)):
+        scorer.next_probs()
+        scorer.feed(rows[:, p], real)
+    assert scorer.counted == (length // 7) * 7
+    scored = [rows[j, :min(scorer.counted, scorer.real_length[j])] for j in range(streams)]
+    whole = NgramCache.count(scored, 256, scorer.online.max_order)
+    assert np.array_equal(scorer.online.unigram, whole.unigram)
+    for a, b in zip(scorer.online.orders, whole.orders, strict=True):
+        for field in ("keys", "offsets", "tokens", "counts", "totals"):
+            assert np.array_equal(getattr(a, field), getattr(b, field)), field
 
 
 def test_adaptation_leaves_the_callers_model_and_gate_alone(cached, held_out):

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from seedbed.errors import UserError
-from seedbed.ngram import SMOOTHINGS, NgramCache, context_keys
+from seedbed.ngram import SMOOTHINGS, NgramCache, context_key, context_keys, exact_orders
 
 
 def stream(n: int, vocab: int, seed: int = 0) -> np.ndarray:
@@ -41,6 +41,37 @@ def test_distribution_equals_the_reference(leave_one_out, smoothing):
     for t in range(len(scored)):
         expected = torch.tensor(cache.distribution_reference(scored.tolist(), t, leave_one_out), dtype=torch.float64)
         torch.testing.assert_close(probs[t], expected, rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("vocab, order", [(256, 8), (256, 12), (1024, 6), (1024, 9), (1000, 7)])
+def test_context_keys_equal_the_reference_and_every_token_counts(vocab, order):
+    """Exact up to V^k <= 2^64, hashed beyond: either way every token of the context moves the
+    key (a plain polynomial modulo 2^64 would drop x[t-9] and older for bytes, and more than
+    the low 4 bits of x[t-7] for a vocabulary of 1024)."""
+    assert (exact_orders(256), exact_orders(1024), exact_orders(1000)) == (8, 6, 6)
+    tokens = stream(300, vocab)
+    keys = context_keys(tokens, order, vocab)
+    for t in range(order, len(tokens)):
+        assert int(keys[t]) == context_key(tokens[t - order:t].tolist(), vocab)
+    context = tokens[:order].tolist()
+    for place in range(order):  # each place, the oldest included, with every other token there
+        variants = {context_key(context[:place] + [v] + context[place + 1:], vocab) for v in range(vocab)}
+        assert len(variants) == vocab, place
+
+
+def test_hashed_orders_equal_the_reference():
+    """Orders beyond the exact ones (here 8 over 1024 tokens) through chain and the plain reference;
+    the context's oldest token decides the follower, so only orders 7 and 8 can predict it."""
+    first = np.random.default_rng(3).integers(0, 10, 400)
+    # Blocks of 9: a random a in 0..9, the same 7 filler tokens, then 1000 + a.
+    tokens = np.concatenate([[a, *range(500, 507), 1000 + a] for a in first])
+    cache = NgramCache.count(tokens, 1024, max_order=8)
+    probs = cache.distribution(tokens)
+    for t in (8 + 9 * 50, 8 + 9 * 300, 1000):
+        expected = torch.tensor(cache.distribution_reference(tokens.tolist(), t), dtype=torch.float64)
+        torch.testing.assert_close(probs[t], expected, rtol=1e-12, atol=1e-15)
+    ends = np.arange(8 + 9 * 100, len(tokens), 9)
+    assert probs[ends, tokens[ends]].mean() > 0.9  # order 7 alone would give each of the ten about 1/10
 
 
 def test_leave_one_out_of_a_single_occurrence_falls_back_to_the_lower_order():
@@ -106,21 +137,32 @@ def test_counting_in_parts_and_merging_equals_counting_whole():
     # Each part after the first starts with the 4 tokens before it, as context only.
     parts = [NgramCache.count(tokens[:1000], 6, 4)] + [NgramCache.count(tokens[lo - 4:lo + 1000], 6, 4, context=4)
                                                        for lo in (1000, 2000)]
-    merged = NgramCache.merged(parts)
+    merged = NgramCache.merged([NgramCache.count([], 6, 4)] + parts)  # an empty cache merges as nothing
     assert np.array_equal(merged.unigram, whole.unigram)
     for a, b in zip(merged.orders, whole.orders, strict=True):
         for field in ("keys", "offsets", "tokens", "counts", "totals"):
             assert np.array_equal(getattr(a, field), getattr(b, field)), field
 
 
-def test_an_online_cache_adds_its_counts_to_the_trained_ones():
+@pytest.mark.parametrize("weight", [1, 3])
+def test_an_online_cache_adds_its_counts_to_the_trained_ones(weight):
+    """Online counts of weight w equal the online text counted w times into the trained cache."""
     trained, scored = stream(800, 5), stream(300, 5, seed=2)
     cache = NgramCache.count(trained, 5, max_order=3)
     online = NgramCache.count(scored[:200], 5, max_order=3)
-    both = NgramCache.merged([cache, online])
+    both = NgramCache.merged([cache] + [online] * weight)
     positions = np.arange(200, 300)
-    torch.testing.assert_close(cache.chain(scored, positions, online=online)[0],
-                               both.chain(scored, positions)[0], rtol=1e-12, atol=1e-15)
+    for got, expected in zip(cache.chain(scored, positions, online=online, online_weight=weight),
+                             both.chain(scored, positions), strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-15)
+
+
+def test_counting_nothing_gives_empty_counts_and_uniform_distributions():
+    empty = NgramCache.count([], 7, max_order=3)
+    assert empty.unigram.sum() == 0 and all(len(order.keys) == 0 for order in empty.orders)
+    chain, confidence = empty.chain(stream(20, 7), np.arange(20))
+    torch.testing.assert_close(chain, torch.full_like(chain, 1 / 7), rtol=1e-12, atol=0)
+    assert (confidence[..., 0] == 0).all() and (confidence[..., 1] == 1).all()  # never seen: escape 1
 
 
 @pytest.mark.parametrize("smoothing", SMOOTHINGS)

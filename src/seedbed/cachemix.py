@@ -23,6 +23,19 @@ taken out: the cache as it will be on unseen text), by L-BFGS from W = 0 (equal 
 model has seen that text in training, so it is a little too sure of itself there; the fitted
 gate leans slightly to the model, which costs a little, never honesty.
 
+Online sources. While a text is scored with adaptation (``seedbed.adapt``) an online cache
+counts the tokens already scored, orders 1..J (J = max(K, ``ONLINE_ORDERS``): it costs no
+storage). Its counts of orders 1..K add to the trained ones (each weighing ``ONLINE_WEIGHT``),
+and its orders alone are J + 1 more sources, p'_0 .. p'_J: the text repeats itself (a name, a
+phrase) more than the training counts can say. The gate then reads the features of both
+chains laid side by side,
+
+    f(t) = [1, n_1..n_K, n'_1..n'_J, escape_1..escape_K, escape'_1..escape'_J, H(p_M), max p_M,
+            max p_0..max p_K, max p'_0..max p'_J]                         (F = 3K + 3J + 5)
+
+over S = K + J + 3 sources; ``CacheMixer.widened`` adds the new rows and columns at zero to
+the trained W, and the adaptation refits it as it scores.
+
 Storage (``TextCache.to_bytes``): magic ``SBCM``, version, S, F (u16 each), W (float64, S x F),
 the cache's own bytes (``NgramCache.to_bytes``), and a CRC32 of everything before it.
 """
@@ -47,6 +60,15 @@ CACHE_FILE = "cache.bin"  # in a run folder
 COUNT_SCALE = 8.0  # log(1 + n) of a context seen thousands of times is ~8
 
 
+ONLINE_WEIGHT = 4.0  # one online count weighs four trained ones (measured: 1 and 16 were worse)
+ONLINE_ORDERS = 8  # measured: 16 online orders scored worse than 8 on bytes, and slower
+
+
+def online_orders(max_order: int) -> int:
+    """J, the online cache's orders beside a trained cache of ``max_order``."""
+    return max(max_order, ONLINE_ORDERS)
+
+
 def n_features(max_order: int) -> int:
     return 3 * max_order + 4
 
@@ -69,6 +91,20 @@ class CacheMixer:
     @classmethod
     def uniform(cls, max_order: int) -> "CacheMixer":
         return cls(torch.zeros(max_order + 2, n_features(max_order), dtype=torch.float64))
+
+    def widened(self, max_order: int, online: int) -> "CacheMixer":
+        """This gate (K + 2 sources, 3K + 4 features) with J = ``online`` orders' J + 1 sources and
+        their 3J + 1 features added at zero weight (see the module docstring)."""
+        k, j = max_order, online
+        if self.weights.shape != (k + 2, n_features(k)):
+            raise ValueError(f"a gate of {k + 2} x {n_features(k)} widens, not {tuple(self.weights.shape)}")
+        wide = torch.zeros(k + j + 3, 3 * k + 3 * j + 5, dtype=self.weights.dtype)
+        # The trained columns' places among the widened features: 1 and n_1..n_K, escape_1..escape_K,
+        # H and max p_M, max p_0..max p_K.
+        columns = [*range(0, 1 + k), *range(1 + k + j, 1 + 2 * k + j), 1 + 2 * k + 2 * j, 2 + 2 * k + 2 * j,
+                   *range(3 + 2 * k + 2 * j, 4 + 3 * k + 2 * j)]
+        wide[:k + 2, columns] = self.weights
+        return CacheMixer(wide)
 
     def gate(self, features: torch.Tensor) -> torch.Tensor:
         return torch.softmax(features @ self.weights.T, -1)

@@ -26,10 +26,12 @@ where c' drops the oldest token of c. Each p_k sums to 1 over v because p_{k-1} 
 the cache's distribution p_K is normalised at every position by construction; a position
 with fewer than k tokens before it uses the orders it has.
 
-Keys. A context of k tokens is the 64-bit integer sum_i x[t-i] V^(i-1) (wrapping modulo 2^64),
-exact (a bijection) while V^k <= 2^64 (bytes: every order up to 8) and a hash beyond; a
-collision would merge two contexts' counts, which changes the prediction, never the
-normalisation. Each order is stored as its sorted context keys, the distinct-follower count
+Keys. A context of k tokens is the 64-bit integer key_k = sum_{i<=k} x[t-i] V^(i-1) while
+V^k <= 2^64 (exact, a bijection: bytes up to order 8, a vocabulary of 1024 up to order 6);
+beyond that each older token is hashed in, key_k = key_{k-1} H + x[t-k] + 1 modulo 2^64 with
+H an odd constant, so every token of the context counts (the plain polynomial would wrap:
+with V = 2^b the tokens beyond 64/b places would vanish from it). A collision would merge
+two contexts' counts, which changes the prediction, never the normalisation. Each order is stored as its sorted context keys, the distinct-follower count
 of each (CSR offsets), and the followers' tokens and counts.
 
 ``leave_one_out`` scores a position of the very stream that was counted as if it had not
@@ -58,7 +60,7 @@ SMOOTHINGS = ("witten-bell", "absolute")
 MASK64 = (1 << 64) - 1
 MAX_ORDER = 16
 MAGIC = b"SBNG"
-VERSION = 1
+VERSION = 2  # 2: contexts beyond the exact orders hashed (1 wrapped them, see Keys)
 HEADER = struct.Struct("<4sBBHIdQI")  # magic, version, smoothing, orders, vocab, discount, raw length, CRC32
 
 
@@ -75,8 +77,8 @@ class OrderTable:
     def distinct(self) -> np.ndarray:
         return np.diff(self.offsets)
 
-    def add_counts(self, keys: np.ndarray, valid: np.ndarray, counts: np.ndarray) -> None:
-        """counts[i, v] += n_k(keys[i], v) for every row i with ``valid`` and a key in the table."""
+    def add_counts(self, keys: np.ndarray, valid: np.ndarray, counts: np.ndarray, weight: float = 1.0) -> None:
+        """counts[i, v] += weight * n_k(keys[i], v) for every row i with ``valid`` and a key in the table."""
         index = np.searchsorted(self.keys, keys)
         found = valid & (index < len(self.keys))
         found[found] &= self.keys[index[found]] == keys[found]
@@ -85,19 +87,44 @@ class OrderTable:
         ctx = index[found]
         starts, lengths = self.offsets[ctx], self.distinct[ctx]
         follower = np.repeat(starts - np.cumsum(lengths) + lengths, lengths) + np.arange(lengths.sum())
-        counts[np.repeat(np.flatnonzero(found), lengths), self.tokens[follower]] += self.counts[follower]
+        counts[np.repeat(np.flatnonzero(found), lengths), self.tokens[follower]] += weight * self.counts[follower]
+
+
+HASH_MULTIPLIER = 0x9E3779B97F4A7C15  # odd (2^64 / the golden ratio): multiplying by it permutes 2^64
+
+
+def exact_orders(vocab: int) -> int:
+    """The longest context whose key is exact: the largest k with V^k <= 2^64."""
+    k = 0
+    while vocab ** (k + 1) <= 1 << 64:
+        k += 1
+    return k
+
+
+def extend_keys(keys: np.ndarray, older: np.ndarray, k: int, vocab: int) -> np.ndarray:
+    """The order-k keys (uint64) from the order-(k - 1) keys and the tokens k places back."""
+    older = older.astype(np.uint64)
+    with np.errstate(over="ignore"):
+        if k <= exact_orders(vocab):
+            return keys + older * np.uint64(vocab ** (k - 1))
+        return keys * np.uint64(HASH_MULTIPLIER) + older + np.uint64(1)
+
+
+def context_key(context: list[int], vocab: int) -> int:
+    """The key of one context (its tokens oldest first), in plain Python: the reference."""
+    key = 0
+    for k, token in enumerate(reversed(context), start=1):
+        key = key + token * vocab ** (k - 1) if k <= exact_orders(vocab) else key * HASH_MULTIPLIER + token + 1
+    return key & MASK64
 
 
 def context_keys(tokens: np.ndarray, order: int, vocab: int) -> np.ndarray:
     """Per position t, the key of the ``order`` tokens before it (uint64); positions t < order
-    have no such context and get key 0 (callers mask them)."""
+    have no full context and get a partial key (callers mask them)."""
     tokens = np.asarray(tokens, dtype=np.uint64)
     keys = np.zeros(len(tokens), dtype=np.uint64)
-    scale = np.uint64(1)
-    with np.errstate(over="ignore"):
-        for i in range(1, order + 1):
-            keys[i:] += tokens[:len(tokens) - i] * scale
-            scale = scale * np.uint64(vocab)
+    for i in range(1, min(order, len(tokens)) + 1):
+        keys[i:] = extend_keys(keys[i:], tokens[:len(tokens) - i], i, vocab)
     return keys
 
 
@@ -126,6 +153,7 @@ class NgramCache:
         if not 0 < discount <= 1:
             raise ValueError(f"discount must be in (0, 1], got {discount}")
         streams = [np.asarray(t, dtype=np.int64) for t in ([tokens] if isinstance(tokens, np.ndarray) else tokens)]
+        streams = streams or [np.zeros(0, np.int64)]  # no streams: empty counts
         for stream in streams:
             if len(stream) and (stream.min() < 0 or stream.max() >= vocab):
                 raise ValueError(f"tokens must be in [0, {vocab})")
@@ -148,13 +176,8 @@ class NgramCache:
                     first.vocab, first.max_order, first.smoothing, first.discount):
                 raise ValueError("only caches of the same vocabulary, orders and smoothing merge")
         unigram = np.sum([c.unigram for c in caches], axis=0).astype(np.int64)
-        orders = []
-        for k in range(first.max_order):
-            tables = [c.orders[k] for c in caches]
-            keys = np.concatenate([np.repeat(t.keys, t.distinct) for t in tables])
-            orders.append(reduce_pairs(keys, np.concatenate([t.tokens for t in tables]),
-                                       np.concatenate([t.counts for t in tables])))
-        return cls(first.vocab, unigram, orders, first.smoothing, first.discount)
+        return cls(first.vocab, unigram, [merge_tables([c.orders[k] for c in caches], first.vocab)
+                                          for k in range(first.max_order)], first.smoothing, first.discount)
 
     # -- the distribution ----------------------------------------------------------------
     def distribution(self, tokens: np.ndarray, positions: np.ndarray | None = None,
@@ -166,22 +189,23 @@ class NgramCache:
         return self.chain(tokens, positions, leave_one_out, online)[0][:, -1]
 
     def chain(self, tokens: np.ndarray, positions: np.ndarray | None = None, leave_one_out: bool = False,
-              online: "NgramCache | None" = None, available: np.ndarray | None = None
+              online: "NgramCache | None" = None, available: np.ndarray | None = None, online_weight: float = 1.0
               ) -> tuple[torch.Tensor, torch.Tensor]:
         """Every order's distribution p_0 .. p_K (float64, (P, K + 1, V)), and per position and
         order k = 1..K what a mixer may weigh it by (float64, (P, K, 2)): log(1 + n_k(c)) and the
         escape weight u_k(c) / (n_k(c) + u_k(c)), both 0 for a context never seen (escape 1).
         ``available``: per position, how many of the tokens before it are its context (default:
-        all, ``positions``), for several streams laid end to end."""
+        all, ``positions``), for several streams laid end to end. ``online_weight``: what one online
+        count weighs against a trained one."""
         tokens = np.asarray(tokens, dtype=np.int64)
         positions = np.arange(len(tokens)) if positions is None else np.asarray(positions, dtype=np.int64)
         available = positions if available is None else np.minimum(available, positions)
-        if online is not None and (online.vocab, online.max_order) != (self.vocab, self.max_order):
-            raise ValueError("the online cache must have the same vocabulary and orders")
-        sources = [self] if online is None else [self, online]
+        if online is not None and (online.vocab != self.vocab or online.max_order < self.max_order):
+            raise ValueError("the online cache must have the same vocabulary and at least as many orders")
+        sources = [(self, 1.0)] if online is None else [(self, 1.0), (online, online_weight)]
         targets = tokens[positions]
         rows = np.arange(len(positions))
-        unigram = np.broadcast_to(sum(c.unigram for c in sources).astype(np.float64),
+        unigram = np.broadcast_to(sum(weight * c.unigram for c, weight in sources).astype(np.float64),
                                   (len(positions), self.vocab)).copy()
         if leave_one_out:
             unigram[rows, targets] -= 1
@@ -191,15 +215,13 @@ class NgramCache:
         confidence[:, :, 1] = 1.0
         # The keys of the scored positions only, one order longer each time round (as context_keys
         # builds them): a chunk of a long stream costs its own length, not the stream's.
-        keys, scale = np.zeros(len(positions), dtype=np.uint64), np.uint64(1)
+        keys = np.zeros(len(positions), dtype=np.uint64)
         for k in range(1, self.max_order + 1):
             has_context = available >= k
-            with np.errstate(over="ignore"):
-                keys[has_context] += tokens[positions[has_context] - k].astype(np.uint64) * scale
-                scale = scale * np.uint64(self.vocab)
+            keys[has_context] = extend_keys(keys[has_context], tokens[positions[has_context] - k], k, self.vocab)
             counts = np.zeros((len(positions), self.vocab))
-            for source in sources:
-                source.orders[k - 1].add_counts(keys, has_context, counts)
+            for source, weight in sources:
+                source.orders[k - 1].add_counts(keys, has_context, counts, weight)
             if leave_one_out:
                 counts[rows[has_context], targets[has_context]] -= 1
             n = counts.sum(1)
@@ -304,7 +326,7 @@ class NgramCache:
         for k, table in enumerate(self.orders, start=1):
             if t < k:
                 break
-            key = sum(int(tokens[t - i]) * self.vocab ** (i - 1) for i in range(1, k + 1)) & MASK64
+            key = context_key([int(x) for x in tokens[t - k:t]], self.vocab)
             hit = np.flatnonzero(table.keys == np.uint64(key))
             if not len(hit):
                 continue
@@ -328,6 +350,25 @@ class NgramCache:
 def stream_pairs(tokens: np.ndarray, k: int, vocab: int, first: int) -> tuple[np.ndarray, np.ndarray]:
     """(context key, follower) of order k at every position t >= ``first`` (>= k) of one stream."""
     return context_keys(tokens, k, vocab)[first:], tokens[first:]
+
+
+def merge_tables(tables: list[OrderTable], vocab: int) -> OrderTable:
+    """One order's tables with their counts summed. Each (context, follower) pair becomes the one
+    integer rank(context) V + follower, already ascending within each table, so a stable sort of
+    the tables laid end to end merges sorted runs: a large table and a few new counts merge in
+    about the large table's length (how the online cache grows, ``seedbed.adapt``)."""
+    keys = np.unique(np.concatenate([t.keys for t in tables]))
+    pairs = np.concatenate([np.repeat(np.searchsorted(keys, t.keys).astype(np.int64) * vocab, t.distinct) + t.tokens
+                            for t in tables])
+    counts = np.concatenate([t.counts for t in tables])
+    order = np.argsort(pairs, kind="stable")
+    pairs, counts = pairs[order], counts[order]
+    starts = np.flatnonzero(np.diff(pairs, prepend=-1))  # the first of each distinct pair
+    pairs, counts = pairs[starts], np.add.reduceat(counts, starts) if len(starts) else counts[:0]
+    context = pairs // vocab  # every context of the union has a follower, so these are 0..C-1 in order
+    offsets = np.searchsorted(context, np.arange(len(keys) + 1)).astype(np.int64)
+    totals = np.add.reduceat(counts, offsets[:-1]) if len(keys) else np.zeros(0, np.int64)
+    return OrderTable(keys, offsets, (pairs % vocab).astype(np.int64), counts.astype(np.int64), totals.astype(np.int64))
 
 
 def reduce_pairs(keys: np.ndarray, followers: np.ndarray, weights: np.ndarray | None = None) -> OrderTable:
