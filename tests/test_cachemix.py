@@ -142,7 +142,7 @@ def test_the_cache_round_trips_through_pack(cached, cached_artifact):
                          ids=["cache", "cache+adapt"])
 def test_compress_round_trips_and_matches_eval(cached_artifact, small_corpus, adapt):
     _, loaded, digest = cached_artifact
-    text = load_text(small_corpus)[:2500]
+    text = load_text(small_corpus)[:2500 if adapt else 1200]  # adaptation needs updates to gain
     blob, stats = compress_bytes(loaded, digest, text, streams=2, adapt=adapt)
     back, _ = decompress_bytes(loaded, digest, blob)
     assert back == text
