@@ -31,8 +31,9 @@ V^k <= 2^64 (exact, a bijection: bytes up to order 8, a vocabulary of 1024 up to
 beyond that each older token is hashed in, key_k = key_{k-1} H + x[t-k] + 1 modulo 2^64 with
 H an odd constant, so every token of the context counts (the plain polynomial would wrap:
 with V = 2^b the tokens beyond 64/b places would vanish from it). A collision would merge
-two contexts' counts, which changes the prediction, never the normalisation. Each order is stored as its sorted context keys, the distinct-follower count
-of each (CSR offsets), and the followers' tokens and counts.
+two contexts' counts, which changes the prediction, never the normalisation. Each order is
+stored as its sorted context keys, the distinct-follower count of each (CSR offsets), and the
+followers' tokens and counts.
 
 ``leave_one_out`` scores a position of the very stream that was counted as if it had not
 been: its own occurrence is taken out of n_k(c, v), n_k(c) and (when it was the only one)
@@ -45,6 +46,7 @@ the tests hold the vectorised ``distribution`` to it.
 
 from __future__ import annotations
 
+import functools
 import lzma
 import struct
 import zlib
@@ -93,6 +95,7 @@ class OrderTable:
 HASH_MULTIPLIER = 0x9E3779B97F4A7C15  # odd (2^64 / the golden ratio): multiplying by it permutes 2^64
 
 
+@functools.cache  # extend_keys asks once per order of every lookup
 def exact_orders(vocab: int) -> int:
     """The longest context whose key is exact: the largest k with V^k <= 2^64."""
     k = 0
