@@ -148,6 +148,30 @@ def build_parser() -> argparse.ArgumentParser:
 
     commands.add_parser("presets", help="list the built-in presets")
 
+    compose = commands.add_parser("compose", help="compose trained experts into one model (one artifact)")
+    methods = compose.add_subparsers(dest="method", required=True, parser_class=Parser)
+    cbtm = methods.add_parser("cbtm", help="c-BTM: cluster the corpus, train an expert per cluster, mix them "
+                                           "by the context's distance to each cluster")
+    cbtm.add_argument("--data", default="default+pystdlib",
+                      help="the corpus to cluster, as train's --data; 'A+B' mixes corpora (default: default+pystdlib)")
+    cbtm.add_argument("--clusters", type=positive_int, default=2, help="clusters, one expert each (default 2)")
+    cbtm.add_argument("--chunk-bytes", type=positive_int, default=8192,
+                      help="documents are clustered in chunks of about this size (default 8192)")
+    cbtm.add_argument("--top-k", type=positive_int, default=2, help="experts mixed at each position (default 2)")
+    cbtm.add_argument("--temperature", type=positive_float, default=0.1,
+                      help="T of the router's softmax over -distance^2 / T (default 0.1)")
+    source = cbtm.add_mutually_exclusive_group()
+    source.add_argument("--preset", help="each expert's preset (default: gpt)")
+    source.add_argument("--experts", nargs="+", metavar="RUN",
+                        help="trained run folders of cluster:0:FILE, cluster:1:FILE, ... (skips clustering and training)")
+    length = cbtm.add_mutually_exclusive_group()
+    length.add_argument("--minutes", type=positive_float, help="each expert's training budget in minutes")
+    length.add_argument("--steps", type=positive_int, help="each expert's training budget in steps")
+    cbtm.add_argument("--parallel", type=positive_int, help="experts trained at once (default: clusters, at most cores)")
+    cbtm.add_argument("--quant", default="int8", help="the artifact's storage rule, as pack's --quant (default int8)")
+    cbtm.add_argument("--out", help="compose folder (default: runs/cbtm-TIME)")
+    cbtm.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="the experts' config, e.g. model.d_model=128")
+
     bench = commands.add_parser("bench", help="benchmarks that write a table to BENCHMARKS.md")
     bench.add_argument("suite", choices=("train", "codec", "seeds", "mixkabrn", "hybrid", "hourglass", "peer",
                                           "grokfast", "architectures", "golf"))
@@ -292,6 +316,59 @@ def cmd_pack(args: argparse.Namespace) -> None:
             print(f"val bpb of the packed model with its n-gram cache {mixed.bpb:.4f}")
 
 
+def cmd_compose(args: argparse.Namespace) -> None:
+    from seedbed.compose.workflow import CLUSTERS_FILE, cbtm_from_runs, cluster_corpus, expert_config, shared_tokenizer, \
+        train_experts
+    from seedbed.config import resolve_config
+    from seedbed.data.clusters import parse_cluster_spec
+    from seedbed.pack.artifact import QuantRule
+    from seedbed.pack.pack import describe, pack_model
+    from seedbed.runs import load
+
+    rule = QuantRule.parse(args.quant)
+    if args.top_k > (len(args.experts) if args.experts else args.clusters):
+        raise UserError(f"--top-k {args.top_k} is more than the {len(args.experts or []) or args.clusters} experts")
+    if args.experts:
+        if args.overrides or args.minutes or args.steps:
+            raise UserError("--experts are already trained: drop the training options and KEY=VALUE overrides")
+        experts = [load(run) for run in args.experts]
+        spec = [parse_cluster_spec(expert.config.data.spec) for expert in experts]
+        if any(s is None for s in spec) or [i for i, _ in spec] != list(range(len(experts))) or \
+                len({path.resolve() for _, path in spec}) != 1:
+            raise UserError("--experts must be runs trained on cluster:0:FILE, cluster:1:FILE, ... of one clusters file, "
+                            "in that order")
+        clusters_path = spec[0][1]
+        out = Path(args.out) if args.out else clusters_path.parent
+    else:
+        if not (args.minutes or args.steps):
+            raise UserError("set each expert's training budget: --minutes M or --steps N")
+        budget = [f"train.minutes={args.minutes}", "train.steps=0"] if args.minutes else [f"train.steps={args.steps}"]
+        base = resolve_config(args.preset, None, [*args.overrides, f"data.spec={quote(args.data)}", *budget])
+        out = Path(args.out) if args.out else Path("runs") / f"cbtm-{time.strftime('%Y%m%d-%H%M%S')}"
+        if out.exists() and any(out.iterdir()):
+            raise UserError(f"{out} is not empty; pick another --out, or pass --experts to reuse trained experts")
+        out.mkdir(parents=True, exist_ok=True)
+        clusters_path = out / CLUSTERS_FILE
+        print(f"[1/4] tokenizer ({base.data.tokenizer})", file=sys.stderr)
+        tokenizer = shared_tokenizer(base, out)
+        print(f"[2/4] clustering {args.data} into {args.clusters} in chunks of {args.chunk_bytes} bytes", file=sys.stderr)
+        assignment = cluster_corpus(args.data, tokenizer, base.data.vocab_size, args.clusters, args.chunk_bytes,
+                                    clusters_path)
+        for cluster in range(args.clusters):
+            print("  cluster {}: {}".format(cluster, ", ".join(f"{(assignment[name] == cluster).sum()} {name}"
+                                                             for name in ("train", "val", "test"))), file=sys.stderr)
+        parallel = args.parallel or min(args.clusters, os.cpu_count() or 1)
+        print(f"[3/4] training {args.clusters} experts, {parallel} at a time", file=sys.stderr)
+        configs = [expert_config(base, clusters_path, i, tokenizer) for i in range(args.clusters)]
+        experts = [load(run) for run in train_experts(configs, out, parallel)]
+    print("[4/4] packing the experts and the router", file=sys.stderr)
+    composed = cbtm_from_runs(experts, clusters_path, args.top_k, args.temperature)
+    artifact = out / "cbtm.seedbed"
+    result = pack_model(composed, artifact, rule)
+    print(describe(artifact))
+    print(f"wrote {artifact}: {result.size:,} bytes; score it with: seedbed eval {artifact}")
+
+
 def cmd_info(args: argparse.Namespace) -> None:
     from seedbed.pack.pack import describe
 
@@ -409,7 +486,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "export-shards": cmd_export_shards,
             "pack": cmd_pack, "info": cmd_info, "compress": cmd_compress, "decompress": cmd_decompress,
-            "presets": cmd_presets, "bench": cmd_bench}
+            "presets": cmd_presets, "bench": cmd_bench, "compose": cmd_compose}
 
 
 def main(argv: list[str] | None = None) -> int:

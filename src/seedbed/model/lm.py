@@ -113,33 +113,45 @@ class LM(nn.Module):
         With ``draft_layers`` E, self-speculative decoding (model/layerskip.py): the same tokens
         greedily, the same distribution when sampling; ``stats`` (if given) counts the drafts.
         """
-        require(len(prompt) > 0, "the prompt must contain at least one token")
-        require(temperature >= 0, f"temperature must be >= 0, got {temperature}")
-        require(top_k >= 0, f"top-k must be >= 0, got {top_k}")
-        require(0 < top_p <= 1, f"top-p must be in (0, 1], got {top_p}")
+        check_sampling(prompt, temperature, top_k, top_p)
         if draft_layers:
             require(mix is None, "self-speculative decoding samples from the model alone (add --no-cache)")
             decoder = SelfSpeculative(self, draft_layers, draft_tokens, temperature, top_k, top_p, generator, stats)
             yield from decoder.generate(prompt, max_new_tokens)
             return
-        device = self.embed.weight.device
-        window = self.cfg.max_seq_len
-        history = list(prompt)[-window:]
-        everything = list(prompt)
-        state = self.init_state(1, window)
-        logits, state = self.step(torch.tensor([history], device=device), state)
-        for _ in range(max_new_tokens):
-            scores = logits[0, -1] if mix is None else mix(everything, logits[0, -1])
-            token = sample(scores, temperature, top_k, top_p, generator)
-            yield token
-            history.append(token)
-            everything.append(token)
-            if len(history) >= window:
-                history = history[-(window // 2):]
-                state = self.init_state(1, window)
-                logits, state = self.step(torch.tensor([history], device=device), state)
-            else:
-                logits, state = self.step(torch.tensor([[token]], device=device), state)
+        yield from decode(self, prompt, max_new_tokens, temperature, top_k, top_p, generator, mix)
+
+
+def check_sampling(prompt: list[int], temperature: float, top_k: int, top_p: float) -> None:
+    require(len(prompt) > 0, "the prompt must contain at least one token")
+    require(temperature >= 0, f"temperature must be >= 0, got {temperature}")
+    require(top_k >= 0, f"top-k must be >= 0, got {top_k}")
+    require(0 < top_p <= 1, f"top-p must be in (0, 1], got {top_p}")
+
+
+def decode(model: nn.Module, prompt: list[int], max_new_tokens: int, temperature: float, top_k: int, top_p: float,
+           generator: torch.Generator | None, mix=None) -> Iterator[int]:
+    """Plain sampling with any model that has ``cfg.max_seq_len``, ``init_state`` and ``step`` (an
+    ``LM`` or a composed model): the incremental state is rebuilt from the last half-context of
+    tokens whenever the context fills up."""
+    device = next(model.parameters()).device
+    window = model.cfg.max_seq_len
+    history = list(prompt)[-window:]
+    everything = list(prompt)
+    state = model.init_state(1, window)
+    logits, state = model.step(torch.tensor([history], device=device), state)
+    for _ in range(max_new_tokens):
+        scores = logits[0, -1] if mix is None else mix(everything, logits[0, -1])
+        token = sample(scores, temperature, top_k, top_p, generator)
+        yield token
+        history.append(token)
+        everything.append(token)
+        if len(history) >= window:
+            history = history[-(window // 2):]
+            state = model.init_state(1, window)
+            logits, state = model.step(torch.tensor([history], device=device), state)
+        else:
+            logits, state = model.step(torch.tensor([[token]], device=device), state)
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -14,7 +15,8 @@ from seedbed.config import config_from_dict
 from seedbed.data import tokenizer_from_proto
 from seedbed.errors import UserError
 from seedbed.loaded import LoadedModel
-from seedbed.model import LM, effective_parameters, virtual_parameters
+from seedbed.compose import build_composed, composition_entry, effective_parameters_of
+from seedbed.model import LM, virtual_parameters
 from seedbed.pack.artifact import (CODECS, HEADER, QuantRule, build_payload, encode_artifact, group_name, read_artifact,
                                    write_artifact)
 from seedbed.pack.kinds import get_kind
@@ -61,7 +63,9 @@ def pack_model(loaded, out: str | Path, rule: QuantRule, budget: int | None = No
     state = {name: ternary_preimage(tensor) if rule.kind_for(name, tensor) == "ternary" else tensor
              for name, tensor in loaded.model.state_dict().items()}
     cache = loaded.cache.to_bytes() if loaded.cache is not None else None
-    payload = build_payload(loaded.config.to_dict(), state, loaded.tokenizer.model_proto, rule, cache=cache)
+    composition = composition_entry(loaded.model)
+    payload = build_payload(loaded.config.to_dict(), state, loaded.tokenizer.model_proto, rule,
+                            extra=None if composition is None else {"composition": composition}, cache=cache)
     data = encode_artifact(payload)
     if budget is not None and len(data) > budget:
         groups = defaultdict(int)
@@ -81,7 +85,7 @@ def load_artifact(path: str | Path):
     """An artifact as a LoadedModel, exactly like a run folder."""
     artifact = read_artifact(path)
     cfg = config_from_dict(artifact.config)
-    model = LM(cfg.model)
+    model = model_of(artifact, path)
     try:
         model.load_state_dict(artifact.tensors, strict=True)
     except RuntimeError:
@@ -89,6 +93,14 @@ def load_artifact(path: str | Path):
     model.eval()
     cache = None if artifact.cache is None else TextCache.from_bytes(artifact.cache, f"the n-gram cache in {path}")
     return LoadedModel(model, cfg, tokenizer_from_proto(artifact.tokenizer_proto), Path(path), cache=cache)
+
+
+def model_of(artifact, path) -> nn.Module:
+    """The untrained module an artifact's tensors fill: its config's LM, or its composed model."""
+    composition = artifact.manifest.get("composition")
+    if composition is None:
+        return LM(config_from_dict(artifact.config).model)
+    return build_composed(composition, f"artifact {path}")
 
 
 def describe(path: str | Path) -> str:
@@ -112,12 +124,12 @@ def describe(path: str | Path) -> str:
         kinds[e["kind"]][0] += params
         kinds[e["kind"]][1] += e["length"]
     stored = sum(k[0] for k in kinds.values())
-    model = LM(config_from_dict(artifact.config).model)
+    model = model_of(artifact, path)
     lines = [f"{path}: {artifact.file_size:,} bytes = {HEADER.size} header + "
              f"{artifact.file_size - HEADER.size:,} {artifact.codec}-compressed payload "
              f"({artifact.payload_size:,} bytes raw, ratio {artifact.payload_size / (artifact.file_size - HEADER.size):.3f})",
              f"parameters: {stored:,} stored, {virtual_parameters(model):,} virtual (generated weights at full size), "
-             f"{effective_parameters(model):,} effective (shared parts once per use: run per token)",
+             f"{effective_parameters_of(model):,} effective (shared parts once per use: run per token)",
              "", "raw payload by section:",
              f"  {'manifest (config, tensor table)':40s} {manifest_bytes:>12,}",
              f"  {'tokenizer':40s} {manifest['tokenizer']['length'] if manifest['tokenizer'] else 0:>12,}"]
@@ -131,4 +143,18 @@ def describe(path: str | Path) -> str:
     lines += [f"  {'total':40s} {artifact.payload_size:>12,}", "", "raw payload by storage kind:"]
     lines += [f"  {kind:10s} {size:>12,} bytes  {params:>11,} params  {8 * size / params:.2f} bits/param"
               for kind, (params, size) in sorted(kinds.items())]
+    if "composition" in manifest:
+        lines += ["", f"raw payload by part ({manifest['composition']['kind']}):"]
+        lines += [f"  {part:40s} {size:>12,}  {params:>11,} params" for part, (params, size) in composed_parts(entries).items()]
     return "\n".join(lines)
+
+
+def composed_parts(entries: list[dict]) -> dict[str, tuple[int, int]]:
+    """Part (``members.3``: an expert; ``router``) -> (parameters, bytes) of a composed artifact's tensors."""
+    parts: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    for e in entries:
+        names = e["name"].split(".")
+        part = ".".join(names[:2]) if names[0] == "members" else names[0]
+        parts[part][0] += math.prod(e["shape"])
+        parts[part][1] += e["length"]
+    return {part: (params, size) for part, (params, size) in parts.items()}

@@ -1,0 +1,270 @@
+"""Composition of experts: clustering, the c-BTM router and mixture, composed artifacts, ``seedbed compose``."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from seedbed.cli import main
+from seedbed.compose.cbtm import CBTM, Router, prior_occurrences, reference_log_weights
+from seedbed.compose.cluster import balanced_assignment, balanced_kmeans, count_matrix, embed, feature_count, smooth_idf
+from seedbed.data import load_splits
+from seedbed.data.clusters import chunk_documents
+from seedbed.data.corpus import Document
+from seedbed.errors import UserError
+from seedbed.eval import check_normalised
+from seedbed.pack.artifact import QuantRule
+from seedbed.pack.pack import describe, load_artifact, pack_model
+from seedbed.runs import load
+from test_model import small_model
+
+VOCAB = 61  # small_model's
+
+
+def random_router(clusters: int, top_k: int, seed: int = 0, temperature: float = 0.1) -> Router:
+    g = torch.Generator().manual_seed(seed)
+    idf = 1 + torch.rand(feature_count(VOCAB), generator=g, dtype=torch.float64) * 3
+    centres = torch.rand(clusters, feature_count(VOCAB), generator=g, dtype=torch.float64) * 0.05
+    return Router(idf, centres, VOCAB, top_k, temperature)
+
+
+def test_prior_occurrences_counts_earlier_equal_entries():
+    features = torch.randint(0, 5, (3, 40), generator=torch.Generator().manual_seed(0))
+    expected = [[int((row[:s] == row[s]).sum()) for s in range(len(row))] for row in features]
+    assert prior_occurrences(features).tolist() == expected
+
+
+@pytest.mark.parametrize("top_k", [1, 2, 4])
+def test_router_equals_reference_and_steps_equal_parallel(top_k):
+    router = random_router(4, top_k)
+    tokens = torch.randint(0, VOCAB, (2, 30), generator=torch.Generator().manual_seed(1))
+    parallel, _ = router.advance(tokens, router.init_state(2))
+    for row in range(2):
+        reference = reference_log_weights(tokens[row].tolist(), router.idf.numpy(), router.centres.numpy(), VOCAB,
+                                          top_k, router.temperature)
+        np.testing.assert_allclose(parallel[row].numpy(), reference, rtol=1e-9, atol=1e-9)
+    state, pieces = router.init_state(2), []
+    for lo, hi in [(0, 7), (7, 8), (8, 30)]:
+        piece, state = router.advance(tokens[:, lo:hi], state)
+        pieces.append(piece)
+    torch.testing.assert_close(torch.cat(pieces, 1), parallel, rtol=1e-12, atol=1e-12)
+    assert ((parallel > float("-inf")).sum(-1) == top_k).all()
+
+
+def small_cbtm(clusters: int = 3, top_k: int = 2) -> CBTM:
+    return CBTM([small_model(seed=k) for k in range(clusters)], random_router(clusters, top_k)).eval()
+
+
+def test_cbtm_is_normalised_and_causal():
+    model = small_cbtm()
+    tokens = torch.randint(0, VOCAB, (2, 40), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        base = model.log_probs(tokens)
+        check_normalised(base)
+        for t in (0, 17, 39):
+            changed = tokens.clone()
+            changed[:, t] = (changed[:, t] + 7) % VOCAB
+            out = model.log_probs(changed)
+            assert torch.equal(out[:, :t], base[:, :t]), f"position {t} leaked into the past"
+            assert not torch.allclose(out[:, t], base[:, t])
+
+
+def test_cbtm_mixes_experts_by_router_weights():
+    """The mixture is exactly sum_k w_k p_k with the router's weights, and differs from every expert."""
+    model = small_cbtm(3, 2)
+    tokens = torch.randint(0, VOCAB, (1, 30), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        weights = model.router.advance(tokens, model.router.init_state(1))[0].exp()
+        expected = sum(weights[..., k, None] * member.log_probs(tokens).double().exp()
+                       for k, member in enumerate(model.members))
+        torch.testing.assert_close(model.log_probs(tokens).double().exp(), expected, rtol=1e-5, atol=1e-7)
+
+
+def test_one_cluster_cbtm_equals_its_expert():
+    model = small_cbtm(1, 1)
+    tokens = torch.randint(0, VOCAB, (2, 30), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        torch.testing.assert_close(model.log_probs(tokens), model.members[0].log_probs(tokens), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_cbtm_step_by_step_equals_parallel(training):
+    model = small_cbtm().train(training)
+    tokens = torch.randint(0, VOCAB, (3, 40), generator=torch.Generator().manual_seed(5))
+    with torch.set_grad_enabled(training):
+        full = model(tokens)
+        state = model.init_state(3, 48)
+        head, state = model.step(tokens[:, :13], state)
+        tail = []
+        for t in range(13, 40):
+            logits, state = model.step(tokens[:, t:t + 1], state)
+            tail.append(logits)
+        torch.testing.assert_close(torch.cat([head] + tail, 1), full, rtol=1e-4, atol=1e-4)
+
+
+# -- clustering -------------------------------------------------------------------------------
+
+PROSE = b"Now is the winter of our discontent made glorious summer by this sun of York.\n"
+CODE = b"def parse(value):\n    return {key: int(item) for key, item in value.items()}\n"
+
+
+def two_domain_chunks() -> list[Document]:
+    rng = np.random.default_rng(0)
+    docs = []
+    for i in range(12):
+        text = PROSE if i % 2 == 0 else CODE
+        words = text.split(b" ")
+        docs.append(Document(f"doc{i}", b" ".join(words[j] for j in rng.integers(0, len(words), 300)) + b"\n"))
+    return docs
+
+
+def test_balanced_kmeans_separates_domains_deterministically_and_balanced():
+    docs = two_domain_chunks()
+    counts = count_matrix([np.frombuffer(d.data, np.uint8).astype(np.int64) for d in docs], 256)
+    embedded = embed(counts, smooth_idf(counts))
+    centres, assignment = balanced_kmeans(embedded, 2, seed=0)
+    again_centres, again = balanced_kmeans(embedded, 2, seed=0)
+    assert np.array_equal(assignment, again) and np.array_equal(centres, again_centres)
+    assert len(set(assignment[0::2])) == 1 and len(set(assignment[1::2])) == 1 and assignment[0] != assignment[1]
+    np.testing.assert_allclose(np.linalg.norm(embedded.toarray(), axis=1), 1)
+
+
+def test_balanced_assignment_respects_capacity():
+    distances = np.zeros((10, 3))
+    distances[:, 1] = -1  # every row would pick cluster 1
+    assignment = balanced_assignment(distances)
+    assert np.bincount(assignment, minlength=3).max() == 4 and (assignment >= 0).all()
+
+
+def test_chunks_rejoin_to_the_document_and_cut_at_newlines():
+    doc = Document("a", b"".join(f"line {i} of the text\n".encode() for i in range(500)))
+    chunks = chunk_documents([doc], 1000)
+    assert b"".join(c.data for c in chunks) == doc.data
+    assert all(c.data.endswith(b"\n") for c in chunks)
+    assert [c.name for c in chunks[:2]] == ["a#0", "a#1"] and all(750 <= len(c.data) <= 1250 for c in chunks[:-1])
+
+
+@pytest.fixture(scope="module")
+def two_domains(tmp_path_factory, small_corpus) -> Path:
+    """Folders ``prose`` (real Shakespeare) and ``code`` (this project's own sources)."""
+    root = tmp_path_factory.mktemp("domains")
+    (root / "prose").mkdir()
+    (root / "code").mkdir()
+    for path in sorted(small_corpus.iterdir()):
+        (root / "prose" / path.name).write_bytes(path.read_bytes())
+    # As many code files of the same size as prose texts: the clusters are balanced.
+    sources = [p for p in sorted((Path(__file__).parents[1] / "src" / "seedbed").rglob("*.py")) if p.stat().st_size > 12000]
+    for path in sources[:6]:
+        (root / "code" / f"{path.parent.name}_{path.name}").write_bytes(path.read_bytes()[:12000])
+    return root
+
+
+def test_mixed_spec_splits_each_part_its_own_way(two_domains):
+    prose, code = str(two_domains / "prose"), str(two_domains / "code")
+    mixed = load_splits(f"{prose}+{code}")
+    for split, prose_split, code_split in zip(mixed, load_splits(prose), load_splits(code)):
+        assert [d.data for d in split] == [d.data for d in prose_split + code_split]
+        assert split[0].name == f"{prose}/{prose_split[0].name}"
+    with pytest.raises(UserError, match="distinct corpora"):
+        load_splits(f"{prose}+{prose}")
+
+
+# -- the whole workflow, through the CLI --------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def composed(two_domains, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("compose") / "cbtm"
+    spec = f"{two_domains / 'prose'}+{two_domains / 'code'}"
+    assert main(["compose", "cbtm", "--data", spec, "--clusters", "2", "--chunk-bytes", "4096", "--steps", "30",
+                 "--out", str(out), "model.d_model=48", "model.n_layers=2", "model.max_seq_len=64",
+                 "model.mixer.n_heads=4", "train.batch_size=8", "train.dtype=fp32", "train.eval_tokens=2048"]) == 0
+    return out
+
+
+def test_compose_clusters_domains_and_experts_train_on_their_cluster(composed, two_domains):
+    fields = json.loads((composed / "clusters.json").read_text())
+    listing = [line.split("\t") for line in (composed / "clusters.tsv").read_text().splitlines()[1:]]
+    domain_of = {chunk: "prose" if "/prose/" in chunk else "code" for _, _, _, chunk in listing}
+    by_cluster = {}
+    for split, cluster, _, chunk in listing:
+        if split == "train":
+            by_cluster.setdefault(int(cluster), set()).add(domain_of[chunk])
+    assert sorted(map(sorted, by_cluster.values())) == [["code"], ["prose"]], "the clusters are not the domains"
+    held_out = [(int(cluster), domain_of[chunk]) for split, cluster, _, chunk in listing if split != "train"]
+    own = {domain: cluster for cluster, (domain,) in by_cluster.items()}
+    assert sum(cluster == own[domain] for cluster, domain in held_out) >= 0.9 * len(held_out)
+    assert len(fields["splits"]["train"]) == sum(1 for row in listing if row[0] == "train")
+    for index in range(2):
+        expert = load(composed / f"expert-{index}")
+        assert expert.config.data.spec.startswith(f"cluster:{index}:")
+        assert {d.name for d in load_splits(expert.config.data.spec)[0]} == \
+            {row[3] for row in listing if row[0] == "train" and int(row[1]) == index}
+
+
+def test_router_at_the_end_of_a_chunk_picks_the_clusters_files_nearest_centre(composed):
+    """The router (incremental, torch, from the artifact) and the clustering (sparse tf-idf, numpy)
+    embed a text the same way: at a held-out chunk's last token, the heaviest cluster is the one
+    the clusters file sent that chunk to."""
+    loaded = load_artifact(composed / "cbtm.seedbed")
+    fields = json.loads((composed / "clusters.json").read_text())
+    _, val, test = load_splits(fields["spec"])
+    for name, split in (("val", val), ("test", test)):
+        for chunk, cluster in zip(chunk_documents(split, fields["chunk_bytes"]), fields["splits"][name], strict=True):
+            tokens = torch.from_numpy(loaded.encode(chunk.data).astype(np.int64))[None]
+            log_weights, _ = loaded.model.router.advance(tokens, loaded.model.router.init_state(1))
+            assert int(log_weights[0, -1].argmax()) == cluster, chunk.name
+
+
+def test_composed_artifact_evaluates_generates_and_round_trips(composed, two_domains, tmp_path, capsys):
+    artifact = composed / "cbtm.seedbed"
+    loaded = load_artifact(artifact)
+    assert isinstance(loaded.model, CBTM) and len(loaded.model.members) == 2
+    info = describe(artifact)
+    assert "raw payload by part (cbtm):" in info and "members.1" in info and "router" in info
+    assert main(["eval", str(artifact), "--data", str(two_domains / "code")]) == 0
+    assert "bpb" in capsys.readouterr().out
+    text = tmp_path / "sample.py"
+    text.write_bytes((Path(__file__).parents[1] / "src" / "seedbed" / "errors.py").read_bytes())
+    packed, restored = tmp_path / "sample.sbz", tmp_path / "restored.py"
+    assert main(["compress", str(artifact), str(text), "-o", str(packed)]) == 0
+    assert main(["decompress", str(artifact), str(packed), "-o", str(restored)]) == 0
+    assert restored.read_bytes() == text.read_bytes()
+    capsys.readouterr()
+    assert main(["generate", str(artifact), "--prompt", "def ", "--tokens", "20", "--seed", "1"]) == 0
+    assert capsys.readouterr().out.startswith("def ")
+
+
+def test_repacking_a_composed_artifact_keeps_it(composed, tmp_path):
+    loaded = load_artifact(composed / "cbtm.seedbed")
+    again = tmp_path / "again.seedbed"
+    pack_model(loaded, again, QuantRule.parse("fp32"))
+    reloaded = load_artifact(again)
+    tokens = torch.from_numpy(loaded.encode(b"def main():\n    pass\n" * 3).astype(np.int64))[None]
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded.model.log_probs(tokens), loaded.model.log_probs(tokens), rtol=0, atol=1e-6)
+
+
+def test_compose_refuses_bad_input_in_one_line(composed, tmp_path):
+    def run(*args):
+        result = subprocess.run([sys.executable, "-m", "seedbed", "compose", "cbtm", *args],
+                                capture_output=True, text=True)
+        return result.returncode, result.stderr.strip().splitlines()
+
+    code, lines = run("--steps", "1", "--out", str(composed))
+    assert code == 2 and len(lines) == 1 and "not empty" in lines[0]
+    code, lines = run("--experts", str(composed / "expert-1"), str(composed / "expert-0"))
+    assert code == 2 and len(lines) == 1 and "in that order" in lines[0]
+    code, lines = run("--clusters", "2", "--top-k", "3", "--steps", "1", "--out", str(tmp_path / "x"))
+    assert code == 2 and len(lines) == 1 and "--top-k" in lines[0]
+    assert not (tmp_path / "x").exists()
+    clusters = composed / "clusters.json"
+    damaged = tmp_path / "clusters.json"
+    damaged.write_text(clusters.read_text().replace('"clusters": 2', '"clusters": 3'))
+    with pytest.raises(UserError, match="checksum"):
+        load_splits(f"cluster:0:{damaged}")
+    with pytest.raises(UserError, match="clusters 0..1"):
+        load_splits(f"cluster:2:{clusters}")
