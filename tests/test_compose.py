@@ -11,12 +11,14 @@ import torch
 
 from seedbed.cli import main
 from seedbed.compose.cbtm import CBTM, Router, prior_occurrences, reference_log_weights
+from seedbed.compose.phatgoose import PhatGoose, reference_routed, train_module
 from seedbed.compose.cluster import balanced_assignment, balanced_kmeans, count_matrix, embed, feature_count, smooth_idf
 from seedbed.data import load_splits
 from seedbed.data.clusters import chunk_documents
 from seedbed.data.corpus import Document
 from seedbed.errors import UserError
 from seedbed.eval import check_normalised
+from seedbed.loaded import LoadedModel
 from seedbed.pack.artifact import QuantRule
 from seedbed.pack.pack import describe, load_artifact, pack_model
 from seedbed.runs import load
@@ -268,3 +270,118 @@ def test_compose_refuses_bad_input_in_one_line(composed, tmp_path):
         load_splits(f"cluster:0:{damaged}")
     with pytest.raises(UserError, match="clusters 0..1"):
         load_splits(f"cluster:2:{clusters}")
+
+
+# -- PHATGOOSE ------------------------------------------------------------------------------------
+
+def small_phatgoose(experts: int = 3, top_k: int = 2, seed: int = 0) -> PhatGoose:
+    """A routed PHATGOOSE over small_model whose modules and gates are all nonzero."""
+    model = PhatGoose(small_model(seed=seed), experts, rank=4, top_k=top_k)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for library in model.libraries():
+            library.lora_b.normal_(0, 0.2, generator=g)
+            library.gates.normal_(0, 1, generator=g)
+    return model.eval()
+
+
+def test_phatgoose_routing_equals_the_plain_reference():
+    library = small_phatgoose().libraries()[0]
+    x = torch.randn(2, 5, library.base.in_features, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(library(x), reference_routed(library, x), rtol=1e-5, atol=1e-5)
+
+
+def test_phatgoose_with_fresh_modules_equals_the_base_and_a_closed_gate_adds_nothing():
+    base = small_model(seed=3)
+    tokens = torch.randint(0, VOCAB, (2, 30), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        expected = base(tokens)
+        model = PhatGoose(base, 2, rank=4).eval()  # B = 0: every module adds nothing
+        torch.testing.assert_close(model(tokens), expected, rtol=0, atol=0)
+        library = model.libraries()[0]
+        library.lora_b.normal_(0, 0.2)
+        x = torch.randn(library.base.in_features)
+        model.set_mode("expert", 1)
+        opened = library(x)
+        model.set_mode("gate", 1)
+        for sign, wanted in ((-1, library.base(x)), (1, opened)):
+            library.gates[1] = sign * 1e4 * x / x.norm()  # sigmoid(g . x) = 0 (closed) or 1 (open)
+            torch.testing.assert_close(library(x), wanted, rtol=0, atol=1e-6)
+        assert not torch.allclose(opened, library.base(x), atol=1e-3)
+
+
+def test_phatgoose_is_causal():
+    model = small_phatgoose()
+    tokens = torch.randint(0, VOCAB, (2, 40), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        base = model(tokens)
+        for t in (0, 17, 39):
+            changed = tokens.clone()
+            changed[:, t] = (changed[:, t] + 7) % VOCAB
+            out = model(changed)
+            assert torch.equal(out[:, :t], base[:, :t]), f"position {t} leaked into the past"
+            assert not torch.allclose(out[:, t], base[:, t])
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_phatgoose_step_by_step_equals_parallel(training):
+    model = small_phatgoose().train(training)
+    tokens = torch.randint(0, VOCAB, (3, 40), generator=torch.Generator().manual_seed(8))
+    with torch.set_grad_enabled(training):
+        full = model(tokens)
+        state = model.init_state(3, 48)
+        head, state = model.step(tokens[:, :13], state)
+        tail = [model.step(tokens[:, t:t + 1], state)[0] for t in range(13, 40)]
+        torch.testing.assert_close(torch.cat([head] + tail, 1), full, rtol=1e-4, atol=1e-4)
+
+
+def test_phatgoose_training_moves_only_the_module_then_only_the_gate():
+    model = PhatGoose(small_model(seed=4), 1, rank=4)
+    frozen = {name: t.clone() for name, t in model.model.state_dict().items() if not name.endswith(("lora_a", "lora_b", "gates"))}
+    tokens = torch.from_numpy(np.frombuffer(PROSE * 40, np.uint8).astype(np.int64)) % VOCAB
+    with torch.no_grad():
+        before = torch.nn.functional.cross_entropy(model(tokens[None, :-1]).flatten(0, 1), tokens[1:]).item()
+    stats = train_module(model, tokens, steps=30, gate_steps=5, batch_size=4, lr=3e-3, seed=0)
+    assert stats["module_loss"] < before - 0.5, (before, stats)
+    for name, tensor in model.model.state_dict().items():
+        if name in frozen:
+            assert torch.equal(tensor, frozen[name]), f"{name} changed"
+    assert all(library.gates.abs().sum() > 0 and library.lora_b.abs().sum() > 0 for library in model.libraries())
+
+
+def test_phatgoose_artifact_round_trips_and_codes(tmp_path, tiny_model):
+    model = PhatGoose(tiny_model.model, 2, rank=4, top_k=1)
+    g = torch.Generator().manual_seed(9)
+    with torch.no_grad():
+        for library in model.libraries():
+            library.lora_b.normal_(0, 0.05, generator=g)
+            library.gates.normal_(0, 1, generator=g)
+    loaded = LoadedModel(model.eval(), tiny_model.config, tiny_model.tokenizer, tmp_path)
+    artifact = tmp_path / "goose.seedbed"
+    pack_model(loaded, artifact, QuantRule.parse("fp32"))
+    reloaded = load_artifact(artifact)
+    assert isinstance(reloaded.model, PhatGoose) and reloaded.model.top_k == 1
+    tokens = torch.from_numpy(tiny_model.encode(PROSE * 2).astype(np.int64))[None]
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded.model.log_probs(tokens), model.log_probs(tokens), rtol=0, atol=1e-6)
+    assert "LoRA modules and gates" in describe(artifact)
+    text, packed, restored = tmp_path / "t.txt", tmp_path / "t.sbz", tmp_path / "r.txt"
+    text.write_bytes(PROSE * 6)
+    assert main(["compress", str(artifact), str(text), "-o", str(packed), "--no-eval"]) == 0
+    assert main(["decompress", str(artifact), str(packed), "-o", str(restored)]) == 0
+    assert restored.read_bytes() == text.read_bytes()
+
+
+def test_compose_phatgoose_end_to_end(tiny_run, two_domains, tmp_path):
+    out = tmp_path / "goose"
+    spec = f"{two_domains / 'prose'}+{two_domains / 'code'}"
+    assert main(["compose", "phatgoose", "--base", str(tiny_run), "--data", spec, "--clusters", "2",
+                 "--chunk-bytes", "4096", "--steps", "8", "--gate-steps", "4", "--batch-size", "4", "--rank", "4",
+                 "--out", str(out)]) == 0
+    loaded = load_artifact(out / "phatgoose.seedbed")
+    assert isinstance(loaded.model, PhatGoose) and loaded.model.experts == 2
+    base = load(tiny_run)
+    tokens = torch.from_numpy(base.encode(CODE * 2).astype(np.int64))[None]
+    with torch.no_grad():
+        assert not torch.allclose(loaded.model.log_probs(tokens), base.model.log_probs(tokens), atol=1e-4)

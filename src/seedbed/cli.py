@@ -172,6 +172,22 @@ def build_parser() -> argparse.ArgumentParser:
     cbtm.add_argument("--out", help="compose folder (default: runs/cbtm-TIME)")
     cbtm.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="the experts' config, e.g. model.d_model=128")
 
+    goose = methods.add_parser("phatgoose", help="PHATGOOSE: a frozen base, a LoRA module and its gate per cluster, "
+                                                 "routed per token and layer")
+    goose.add_argument("--base", required=True, metavar="RUN", help="the frozen base model (a run folder or artifact)")
+    goose.add_argument("--data", default="default+pystdlib", help="the corpus to cluster (default: default+pystdlib)")
+    goose.add_argument("--clusters", type=positive_int, default=2, help="clusters, one module each (default 2)")
+    goose.add_argument("--chunk-bytes", type=positive_int, default=8192, help="chunk size for clustering (default 8192)")
+    goose.add_argument("--steps", type=positive_int, required=True, help="each module's LoRA training steps")
+    goose.add_argument("--gate-steps", type=positive_int, default=100, help="each gate's training steps (default 100)")
+    goose.add_argument("--rank", type=positive_int, default=8, help="LoRA rank (default 8)")
+    goose.add_argument("--top-k", type=positive_int, default=2, help="modules routed to per token and layer (default 2)")
+    goose.add_argument("--lr", type=positive_float, default=1e-3, help="Adam learning rate (default 0.001)")
+    goose.add_argument("--batch-size", type=positive_int, default=16, help="sequences per step (default 16)")
+    goose.add_argument("--parallel", type=positive_int, help="modules trained at once (default: clusters, at most cores)")
+    goose.add_argument("--quant", default="int8", help="the artifact's storage rule, as pack's --quant (default int8)")
+    goose.add_argument("--out", help="compose folder (default: runs/phatgoose-TIME)")
+
     bench = commands.add_parser("bench", help="benchmarks that write a table to BENCHMARKS.md")
     bench.add_argument("suite", choices=("train", "codec", "seeds", "mixkabrn", "hybrid", "hourglass", "peer",
                                           "grokfast", "architectures", "golf"))
@@ -317,6 +333,9 @@ def cmd_pack(args: argparse.Namespace) -> None:
 
 
 def cmd_compose(args: argparse.Namespace) -> None:
+    if args.method == "phatgoose":
+        compose_phatgoose(args)
+        return
     from seedbed.compose.workflow import CLUSTERS_FILE, cbtm_from_runs, cluster_corpus, expert_config, shared_tokenizer, \
         train_experts
     from seedbed.config import resolve_config
@@ -364,6 +383,38 @@ def cmd_compose(args: argparse.Namespace) -> None:
     print("[4/4] packing the experts and the router", file=sys.stderr)
     composed = cbtm_from_runs(experts, clusters_path, args.top_k, args.temperature)
     artifact = out / "cbtm.seedbed"
+    result = pack_model(composed, artifact, rule)
+    print(describe(artifact))
+    print(f"wrote {artifact}: {result.size:,} bytes; score it with: seedbed eval {artifact}")
+
+
+def compose_phatgoose(args: argparse.Namespace) -> None:
+    from seedbed.compose.workflow import CLUSTERS_FILE, base_tokenizer, cluster_corpus, phatgoose_from_modules, \
+        train_phatgoose_modules
+    from seedbed.pack.artifact import QuantRule
+    from seedbed.pack.pack import describe, pack_model
+    from seedbed.runs import load
+
+    rule = QuantRule.parse(args.quant)
+    if args.top_k > args.clusters:
+        raise UserError(f"--top-k {args.top_k} is more than the {args.clusters} modules")
+    base = load(args.base)
+    out = Path(args.out) if args.out else Path("runs") / f"phatgoose-{time.strftime('%Y%m%d-%H%M%S')}"
+    if out.exists() and any(out.iterdir()):
+        raise UserError(f"{out} is not empty; pick another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    clusters_path = out / CLUSTERS_FILE
+    tokenizer = base_tokenizer(base, out)
+    print(f"[1/3] clustering {args.data} into {args.clusters} in chunks of {args.chunk_bytes} bytes", file=sys.stderr)
+    cluster_corpus(args.data, tokenizer, base.config.data.vocab_size, args.clusters, args.chunk_bytes, clusters_path)
+    parallel = args.parallel or min(args.clusters, os.cpu_count() or 1)
+    print(f"[2/3] training {args.clusters} LoRA modules and gates, {parallel} at a time", file=sys.stderr)
+    specs = [f"cluster:{i}:{clusters_path.resolve()}" for i in range(args.clusters)]
+    paths = train_phatgoose_modules(Path(args.base), specs, tokenizer, args.rank, args.steps, args.gate_steps,
+                                    args.batch_size, args.lr, out, parallel)
+    print("[3/3] packing the base, the modules and their gates", file=sys.stderr)
+    composed = phatgoose_from_modules(base, paths, args.rank, args.top_k, args.data)
+    artifact = out / "phatgoose.seedbed"
     result = pack_model(composed, artifact, rule)
     print(describe(artifact))
     print(f"wrote {artifact}: {result.size:,} bytes; score it with: seedbed eval {artifact}")

@@ -11,8 +11,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from seedbed.compose.cbtm import CBTM, Router, check_composition
+from seedbed.compose.cbtm import CBTM, Router, checked_temperature
 from seedbed.compose.cluster import feature_count
+from seedbed.compose.phatgoose import PhatGoose
 from seedbed.config import config_from_dict
 from seedbed.errors import UserError
 from seedbed.model import LM, effective_parameters
@@ -20,12 +21,22 @@ from seedbed.model import LM, effective_parameters
 
 def build_composed(composition: dict, where: str) -> nn.Module:
     """The module a manifest's ``composition`` entry describes, every field checked first."""
-    if not isinstance(composition, dict) or composition.get("kind") != "cbtm":
+    kind = composition.get("kind") if isinstance(composition, dict) else None
+    if kind not in ("cbtm", "phatgoose"):
         raise UserError(f"{where} is corrupted or newer than this seedbed (unknown composition)")
-    members, top_k, temperature = check_composition(composition, where)
+    members, top_k = composition.get("members"), composition.get("top_k")
+    if not (isinstance(members, int) and 1 <= members <= 256 and isinstance(top_k, int) and 1 <= top_k <= members):
+        raise UserError(f"{where} is corrupted (composition fields out of range)")
     models = composition.get("models")
-    if not (isinstance(models, list) and len(models) == members and all(isinstance(m, dict) for m in models)):
-        raise UserError(f"{where} is corrupted (c-BTM expert configs missing)")
+    if not (isinstance(models, list) and len(models) == (members if kind == "cbtm" else 1)
+            and all(isinstance(m, dict) for m in models)):
+        raise UserError(f"{where} is corrupted (the composed models' configs are missing)")
+    if kind == "phatgoose":
+        rank = composition.get("rank")
+        if not (isinstance(rank, int) and 1 <= rank <= 4096):
+            raise UserError(f"{where} is corrupted (PHATGOOSE rank out of range)")
+        return PhatGoose(LM(config_from_dict({"model": models[0]}).model), members, rank, top_k)
+    temperature = checked_temperature(composition, where)
     experts = [LM(config_from_dict({"model": model}).model) for model in models]
     vocab = experts[0].cfg.vocab_size
     router = Router(torch.zeros(feature_count(vocab)), torch.zeros(members, feature_count(vocab)), vocab,
@@ -35,11 +46,14 @@ def build_composed(composition: dict, where: str) -> nn.Module:
 
 def composition_entry(model: nn.Module) -> dict | None:
     """The manifest entry of a composed model (with its experts' configs); None for an LM."""
-    return model.composition() if isinstance(model, CBTM) else None
+    return model.composition() if isinstance(model, (CBTM, PhatGoose)) else None
 
 
 def effective_parameters_of(model: nn.Module) -> int:
-    """Parameters run per token: every expert's (c-BTM runs all of them at every position)."""
+    """Parameters run per token: every expert's (c-BTM runs all of them at every position, PHATGOOSE
+    every module at every linear)."""
     if isinstance(model, CBTM):
         return sum(effective_parameters(member) for member in model.members)
+    if isinstance(model, PhatGoose):
+        return effective_parameters(model.model)
     return effective_parameters(model)

@@ -161,7 +161,7 @@ class CBTM(nn.Module):
         return [member.init_state(batch, max_len) for member in self.members] + [self.router.init_state(batch)]
 
     def step(self, tokens: torch.Tensor, state: list) -> tuple[torch.Tensor, list]:
-        outputs = [member.step(tokens, member_state) for member, member_state in zip(self.members, state, strict=False)]
+        outputs = [member.step(tokens, member_state) for member, member_state in zip(self.members, state[:-1], strict=True)]
         log_weights, router_state = self.router.advance(tokens, state[-1])
         return self.mix([logits for logits, _ in outputs], log_weights), [s for _, s in outputs] + [router_state]
 
@@ -175,11 +175,9 @@ class CBTM(nn.Module):
         yield from decode(self, prompt, max_new_tokens, temperature, top_k, top_p, generator, mix)
 
 
-def check_composition(fields: dict, where: str) -> tuple[int, int, float]:
-    """(members, top_k, temperature) of a manifest's c-BTM entry, bounds-checked."""
-    members, top_k, temperature = fields.get("members"), fields.get("top_k"), fields.get("temperature")
-    if not (isinstance(members, int) and 1 <= members <= 256 and isinstance(top_k, int) and 1 <= top_k <= members
-            and isinstance(temperature, float) and math.isfinite(temperature) and temperature > 0):
-        raise UserError(f"{where} is corrupted (c-BTM fields out of range)")
-    return members, top_k, temperature
-
+def checked_temperature(fields: dict, where: str) -> float:
+    """A manifest's c-BTM router temperature, bounds-checked."""
+    temperature = fields.get("temperature")
+    if not (isinstance(temperature, float) and math.isfinite(temperature) and temperature > 0):
+        raise UserError(f"{where} is corrupted (c-BTM temperature out of range)")
+    return temperature

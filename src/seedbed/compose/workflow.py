@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import scipy.sparse as sparse
 import torch
 from tqdm import tqdm
 
@@ -47,7 +48,7 @@ def shared_tokenizer(cfg: RunConfig, out: Path) -> str:
     return f"sp:{path}"
 
 
-def features_of(chunks, tokenizer) -> "np.ndarray":
+def features_of(chunks, tokenizer) -> sparse.csr_matrix:
     return count_matrix([tokenizer.encode(chunk.data) for chunk in chunks], tokenizer.vocab_size)
 
 
@@ -145,3 +146,63 @@ def cbtm_from_runs(experts: list[LoadedModel], clusters_path: Path, top_k: int, 
     config = config_from_dict({**first.config.to_dict(), "data": {**first.config.to_dict()["data"],
                                                                   "spec": fields["spec"]}})
     return LoadedModel(model, config, first.tokenizer, clusters_path.parent)
+
+
+def base_tokenizer(base: LoadedModel, out: Path) -> str:
+    """The tokenizer spec of a base model's tokenizer, written to ``out/tokenizer.model`` if SentencePiece."""
+    if base.tokenizer.model_proto is None:
+        return "bytes"
+    path = (out / "tokenizer.model").resolve()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(base.tokenizer.model_proto)
+    return f"sp:{path}"
+
+
+def _train_phatgoose_module(base_path: Path, spec: str, tokenizer_spec: str, rank: int, steps: int, gate_steps: int,
+                            batch_size: int, lr: float, seed: int, path: Path, threads: int) -> dict:
+    from seedbed.compose.phatgoose import PhatGoose, train_module
+    from seedbed.data import load_dataset
+    from seedbed.runs import load
+    from seedbed.train.checkpoint import save_checkpoint
+
+    torch.set_num_threads(threads)
+    base = load(base_path)
+    tokens = torch.from_numpy(np.asarray(load_dataset(spec, tokenizer_spec).train.tokens, np.int64))
+    model = PhatGoose(base.model, 1, rank)
+    stats = train_module(model, tokens, steps, gate_steps, batch_size, lr, seed)
+    save_checkpoint(path, model.module_tensors(0), {"data": spec, "rank": rank, "steps": steps,
+                                                    "gate_steps": gate_steps, **stats})
+    return stats
+
+
+def train_phatgoose_modules(base_path: Path, specs: list[str], tokenizer_spec: str, rank: int, steps: int,
+                            gate_steps: int, batch_size: int, lr: float, out: Path, parallel: int) -> list[Path]:
+    """Module I (LoRA, then its gate) trained on ``specs[I]`` into ``out/module-I.safetensors``,
+    ``parallel`` at a time in spawned processes; one progress bar over the modules."""
+    paths = [out / f"module-{index}.safetensors" for index in range(len(specs))]
+    threads = max(1, (os.cpu_count() or 1) // parallel)
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(parallel, mp_context=context) as pool, \
+            tqdm(total=len(specs), desc="modules", unit="module", file=sys.stderr) as bar:
+        futures = {pool.submit(_train_phatgoose_module, base_path, spec, tokenizer_spec, rank, steps, gate_steps,
+                               batch_size, lr, index, path, threads): index
+                   for index, (spec, path) in enumerate(zip(specs, paths, strict=True))}
+        for future in concurrent.futures.as_completed(futures):
+            bar.update(1)
+            bar.set_postfix_str(f"module {futures[future]}: loss {future.result()['module_loss']:.3f}")
+    return paths
+
+
+def phatgoose_from_modules(base: LoadedModel, paths: list[Path], rank: int, top_k: int, spec: str) -> LoadedModel:
+    """One loaded PHATGOOSE model: the base with the modules stacked in order, routed top-k."""
+    from seedbed.compose.phatgoose import PhatGoose
+    from seedbed.train.checkpoint import load_checkpoint
+
+    if not 1 <= top_k <= len(paths):
+        raise UserError(f"--top-k must be in 1..{len(paths)}, got {top_k}")
+    model = PhatGoose(base.model, len(paths), rank, top_k)
+    for index, path in enumerate(paths):
+        model.load_module(index, load_checkpoint(path)[0], str(path))
+    model.eval()
+    config = config_from_dict({**base.config.to_dict(), "data": {**base.config.to_dict()["data"], "spec": spec}})
+    return LoadedModel(model, config, base.tokenizer, paths[0].parent)

@@ -150,11 +150,17 @@ def describe(path: str | Path) -> str:
 
 
 def composed_parts(entries: list[dict]) -> dict[str, tuple[int, int]]:
-    """Part (``members.3``: an expert; ``router``) -> (parameters, bytes) of a composed artifact's tensors."""
+    """Part -> (parameters, bytes) of a composed artifact's tensors: c-BTM's experts (``members.3``)
+    and router; PHATGOOSE's base and its LoRA modules with their gates."""
     parts: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     for e in entries:
         names = e["name"].split(".")
-        part = ".".join(names[:2]) if names[0] == "members" else names[0]
+        if names[0] == "members":
+            part = ".".join(names[:2])
+        elif names[-1] in ("lora_a", "lora_b", "gates"):
+            part = "LoRA modules and gates"
+        else:
+            part = names[0] if names[0] == "router" else "base"
         parts[part][0] += math.prod(e["shape"])
         parts[part][1] += e["length"]
     return {part: (params, size) for part, (params, size) in parts.items()}
