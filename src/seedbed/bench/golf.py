@@ -2,7 +2,8 @@
 
 Three models train for the same minutes, each in its own process, then are packed (int8; the
 golf ones must fit parameter golf's 16,000,000 bytes): ``golf-gpt`` (dense), ``golf``
-(golf-seeded with an n-gram cache of orders 1..8) and ``gpt`` with the same cache. Each packed
+(golf-seeded with its preset's n-gram cache, orders 1..5 of SentencePiece tokens: what fits
+16,000,000 bytes) and ``gpt`` with a byte-level cache of orders 1..8. Each packed
 artifact is scored on the val and test splits: the model alone (``--no-cache``; for ``golf``
 that is the golf-seeded row), the cache alone (its gate with the model's weight at zero), the
 model mixed with the cache, and that mixture adapted score-first (``seedbed eval --adapt`` at
@@ -185,13 +186,20 @@ def pack(run_dir: Path, artifact: Path, budget: int | None) -> None:
     pack_model(load(run_dir), artifact, QuantRule.parse("int8"), budget)
 
 
+def golf_orders() -> int:
+    from seedbed.config import resolve_config
+
+    return resolve_config("golf").cache.orders
+
+
 def write_report(report: Report, minutes: float, output: Path) -> None:
     lines = [
         "## seedbed bench golf",
         "",
         f"`seedbed bench golf --minutes {minutes:g}` on {describe_machine()}, {time.strftime('%Y-%m-%d')}. "
         f"Each model trained for {minutes:g} minutes in its own process on the default corpus, then packed int8 "
-        f"(the golf ones under {BUDGET:,} bytes); the n-gram cache has orders 1..{ORDERS}, counted over the "
+        f"(the golf ones under {BUDGET:,} bytes); the n-gram cache has orders 1..{golf_orders()} for golf "
+        f"(SentencePiece tokens: what fits its budget) and 1..{ORDERS} for gpt (bytes), counted over the "
         "training split after training. bpb is `seedbed eval` of the packed artifact on the whole val and test "
         "splits, every position checked to sum to 1; \"adapted\" is `seedbed eval --adapt` at its defaults "
         f"(64 streams, an update every {ADAPT.every} positions: online cache counts, gate refit, one Adam step of "

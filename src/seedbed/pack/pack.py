@@ -75,6 +75,8 @@ def pack_model(loaded, out: str | Path, rule: QuantRule, budget: int | None = No
         raise UserError(f"artifact would be {len(data):,} bytes, {len(data) - budget:,} over the budget of "
                         f"{budget:,}; largest groups by parameters: "
                         + ", ".join(f"{name} ({n:,})" for name, n in top)
+                        + (f"; its n-gram cache is {len(cache):,} bytes (cache.orders={loaded.cache.ngram.max_order}: "
+                           "fewer orders make it smaller)" if cache is not None else "")
                         + "; try --quant int6 or int4, or a smaller model")
     write_artifact(out, data)
     codec_id = HEADER.unpack_from(data)[2]
