@@ -1,8 +1,6 @@
 """Composition of experts: clustering, the c-BTM router and mixture, composed artifacts, ``seedbed compose``."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +9,7 @@ import torch
 
 from seedbed.cli import main
 from seedbed.compose.cbtm import CBTM, Router, prior_occurrences, reference_log_weights
+from seedbed.compose.calm import CALM, reference_bridge
 from seedbed.compose.phatgoose import PhatGoose, reference_routed, train_module
 from seedbed.compose.cluster import balanced_assignment, balanced_kmeans, count_matrix, embed, feature_count, smooth_idf
 from seedbed.data import load_splits
@@ -177,19 +176,27 @@ def test_mixed_spec_splits_each_part_its_own_way(two_domains):
 
 # -- the whole workflow, through the CLI --------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def composed(two_domains, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("compose") / "cbtm"
+def test_compose_cbtm_end_to_end(two_domains, tmp_path, capsys):
+    """``seedbed compose cbtm`` from scratch on prose + code, then everything its result must do (one
+    test: the workflow trains two experts, too dear to run again per check)."""
+    out = tmp_path / "cbtm"
     spec = f"{two_domains / 'prose'}+{two_domains / 'code'}"
-    assert main(["compose", "cbtm", "--data", spec, "--clusters", "2", "--chunk-bytes", "4096", "--steps", "30",
+    assert main(["compose", "cbtm", "--data", spec, "--clusters", "2", "--chunk-bytes", "4096", "--steps", "20",
                  "--out", str(out), "model.d_model=48", "model.n_layers=2", "model.max_seq_len=64",
-                 "model.mixer.n_heads=4", "train.batch_size=8", "train.dtype=fp32", "train.eval_tokens=2048"]) == 0
-    return out
+                 "model.mixer.n_heads=4", "train.batch_size=8", "train.dtype=fp32", "train.eval_tokens=1024"]) == 0
+    check_clusters_are_the_domains(out)
+    check_router_agrees_with_the_clustering(out)
+    check_composed_artifact_works_like_any(out, two_domains, tmp_path, capsys)
+    check_compose_refuses_bad_input(out, tmp_path, capsys)
+    # Composing the trained experts again (as from run folders trained anywhere) gives the same artifact.
+    before = (out / "cbtm.seedbed").read_bytes()
+    assert main(["compose", "cbtm", "--experts", str(out / "expert-0"), str(out / "expert-1")]) == 0
+    assert (out / "cbtm.seedbed").read_bytes() == before
 
 
-def test_compose_clusters_domains_and_experts_train_on_their_cluster(composed, two_domains):
-    fields = json.loads((composed / "clusters.json").read_text())
-    listing = [line.split("\t") for line in (composed / "clusters.tsv").read_text().splitlines()[1:]]
+def check_clusters_are_the_domains(out: Path) -> None:
+    fields = json.loads((out / "clusters.json").read_text())
+    listing = [line.split("\t") for line in (out / "clusters.tsv").read_text().splitlines()[1:]]
     domain_of = {chunk: "prose" if "/prose/" in chunk else "code" for _, _, _, chunk in listing}
     by_cluster = {}
     for split, cluster, _, chunk in listing:
@@ -200,19 +207,19 @@ def test_compose_clusters_domains_and_experts_train_on_their_cluster(composed, t
     own = {domain: cluster for cluster, (domain,) in by_cluster.items()}
     assert sum(cluster == own[domain] for cluster, domain in held_out) >= 0.9 * len(held_out)
     assert len(fields["splits"]["train"]) == sum(1 for row in listing if row[0] == "train")
-    for index in range(2):
-        expert = load(composed / f"expert-{index}")
+    for index in range(2):  # each expert trained on exactly its cluster's chunks
+        expert = load(out / f"expert-{index}")
         assert expert.config.data.spec.startswith(f"cluster:{index}:")
         assert {d.name for d in load_splits(expert.config.data.spec)[0]} == \
             {row[3] for row in listing if row[0] == "train" and int(row[1]) == index}
 
 
-def test_router_at_the_end_of_a_chunk_picks_the_clusters_files_nearest_centre(composed):
+def check_router_agrees_with_the_clustering(out: Path) -> None:
     """The router (incremental, torch, from the artifact) and the clustering (sparse tf-idf, numpy)
     embed a text the same way: at a held-out chunk's last token, the heaviest cluster is the one
     the clusters file sent that chunk to."""
-    loaded = load_artifact(composed / "cbtm.seedbed")
-    fields = json.loads((composed / "clusters.json").read_text())
+    loaded = load_artifact(out / "cbtm.seedbed")
+    fields = json.loads((out / "clusters.json").read_text())
     _, val, test = load_splits(fields["spec"])
     for name, split in (("val", val), ("test", test)):
         for chunk, cluster in zip(chunk_documents(split, fields["chunk_bytes"]), fields["splits"][name], strict=True):
@@ -221,12 +228,13 @@ def test_router_at_the_end_of_a_chunk_picks_the_clusters_files_nearest_centre(co
             assert int(log_weights[0, -1].argmax()) == cluster, chunk.name
 
 
-def test_composed_artifact_evaluates_generates_and_round_trips(composed, two_domains, tmp_path, capsys):
-    artifact = composed / "cbtm.seedbed"
+def check_composed_artifact_works_like_any(out: Path, two_domains: Path, tmp_path: Path, capsys) -> None:
+    artifact = out / "cbtm.seedbed"
     loaded = load_artifact(artifact)
     assert isinstance(loaded.model, CBTM) and len(loaded.model.members) == 2
     info = describe(artifact)
     assert "raw payload by part (cbtm):" in info and "members.1" in info and "router" in info
+    capsys.readouterr()
     assert main(["eval", str(artifact), "--data", str(two_domains / "code")]) == 0
     assert "bpb" in capsys.readouterr().out
     text = tmp_path / "sample.py"
@@ -238,32 +246,28 @@ def test_composed_artifact_evaluates_generates_and_round_trips(composed, two_dom
     capsys.readouterr()
     assert main(["generate", str(artifact), "--prompt", "def ", "--tokens", "20", "--seed", "1"]) == 0
     assert capsys.readouterr().out.startswith("def ")
-
-
-def test_repacking_a_composed_artifact_keeps_it(composed, tmp_path):
-    loaded = load_artifact(composed / "cbtm.seedbed")
-    again = tmp_path / "again.seedbed"
+    again = tmp_path / "again.seedbed"  # re-packing a loaded composed artifact keeps it
     pack_model(loaded, again, QuantRule.parse("fp32"))
-    reloaded = load_artifact(again)
     tokens = torch.from_numpy(loaded.encode(b"def main():\n    pass\n" * 3).astype(np.int64))[None]
     with torch.no_grad():
-        torch.testing.assert_close(reloaded.model.log_probs(tokens), loaded.model.log_probs(tokens), rtol=0, atol=1e-6)
+        torch.testing.assert_close(load_artifact(again).model.log_probs(tokens), loaded.model.log_probs(tokens),
+                                   rtol=0, atol=1e-6)
 
 
-def test_compose_refuses_bad_input_in_one_line(composed, tmp_path):
-    def run(*args):
-        result = subprocess.run([sys.executable, "-m", "seedbed", "compose", "cbtm", *args],
-                                capture_output=True, text=True)
-        return result.returncode, result.stderr.strip().splitlines()
+def check_compose_refuses_bad_input(out: Path, tmp_path: Path, capsys) -> None:
+    def run(*args) -> list[str]:
+        capsys.readouterr()
+        assert main(["compose", "cbtm", *args]) == 2
+        return capsys.readouterr().err.strip().splitlines()
 
-    code, lines = run("--steps", "1", "--out", str(composed))
-    assert code == 2 and len(lines) == 1 and "not empty" in lines[0]
-    code, lines = run("--experts", str(composed / "expert-1"), str(composed / "expert-0"))
-    assert code == 2 and len(lines) == 1 and "in that order" in lines[0]
-    code, lines = run("--clusters", "2", "--top-k", "3", "--steps", "1", "--out", str(tmp_path / "x"))
-    assert code == 2 and len(lines) == 1 and "--top-k" in lines[0]
+    lines = run("--steps", "1", "--out", str(out))
+    assert len(lines) == 1 and "not empty" in lines[0]
+    lines = run("--experts", str(out / "expert-1"), str(out / "expert-0"))
+    assert len(lines) == 1 and "in that order" in lines[0]
+    lines = run("--clusters", "2", "--top-k", "3", "--steps", "1", "--out", str(tmp_path / "x"))
+    assert len(lines) == 1 and "--top-k" in lines[0]
     assert not (tmp_path / "x").exists()
-    clusters = composed / "clusters.json"
+    clusters = out / "clusters.json"
     damaged = tmp_path / "clusters.json"
     damaged.write_text(clusters.read_text().replace('"clusters": 2', '"clusters": 3'))
     with pytest.raises(UserError, match="checksum"):
@@ -385,3 +389,79 @@ def test_compose_phatgoose_end_to_end(tiny_run, two_domains, tmp_path):
     tokens = torch.from_numpy(base.encode(CODE * 2).astype(np.int64))[None]
     with torch.no_grad():
         assert not torch.allclose(loaded.model.log_probs(tokens), base.model.log_probs(tokens), atol=1e-4)
+
+
+# -- CALM -----------------------------------------------------------------------------------------
+
+def small_calm(open_bridges: bool = True) -> CALM:
+    """An anchor of 2 layers reading an augmenting model of 3 (another width) after its every layer."""
+    model = CALM(small_model(seed=0), small_model(seed=1, d_model=24, n_layers=3), every=1, heads=4)
+    if open_bridges:
+        with torch.no_grad():
+            for bridge in model.bridges:
+                bridge.out.weight.normal_(0, 0.2)
+    return model.eval()
+
+
+def test_calm_bridge_equals_the_plain_reference():
+    bridge = small_calm().bridges[0]
+    g = torch.Generator().manual_seed(0)
+    h, augmenting = torch.randn(2, 9, 32, generator=g), torch.randn(2, 9, 24, generator=g)
+    with torch.no_grad():
+        torch.testing.assert_close(bridge(h, augmenting)[0], reference_bridge(bridge, h, augmenting),
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_calm_with_zero_bridges_equals_the_anchor():
+    model = small_calm(open_bridges=False)
+    tokens = torch.randint(0, VOCAB, (2, 30), generator=torch.Generator().manual_seed(10))
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens), model.anchor(tokens), rtol=0, atol=0)
+    assert model.anchor_layers == [0, 1] and model.augmenting_layers == [1, 2]
+
+
+def test_calm_is_causal_and_reads_the_augmenting_model():
+    model = small_calm()
+    tokens = torch.randint(0, VOCAB, (2, 40), generator=torch.Generator().manual_seed(11))
+    with torch.no_grad():
+        base = model(tokens)
+        assert not torch.allclose(base, model.anchor(tokens), atol=1e-3)
+        for t in (0, 17, 39):
+            changed = tokens.clone()
+            changed[:, t] = (changed[:, t] + 7) % VOCAB
+            out = model(changed)
+            assert torch.equal(out[:, :t], base[:, :t]), f"position {t} leaked into the past"
+            assert not torch.allclose(out[:, t], base[:, t])
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_calm_step_by_step_equals_parallel(training):
+    model = small_calm().train(training)
+    tokens = torch.randint(0, VOCAB, (3, 40), generator=torch.Generator().manual_seed(12))
+    with torch.set_grad_enabled(training):
+        full = model(tokens)
+        state = model.init_state(3, 48)
+        head, state = model.step(tokens[:, :13], state)
+        tail = []
+        for t in range(13, 40):  # a CALM state is a new value each step (the bridges' caches grow)
+            logits, state = model.step(tokens[:, t:t + 1], state)
+            tail.append(logits)
+        torch.testing.assert_close(torch.cat([head] + tail, 1), full, rtol=1e-4, atol=1e-4)
+
+
+def test_compose_calm_trains_only_the_bridges_and_round_trips(tiny_run, small_corpus, tmp_path):
+    artifact = tmp_path / "calm.seedbed"
+    assert main(["compose", "calm", "--anchor", str(tiny_run), "--augmenting", str(tiny_run), "--data",
+                 str(small_corpus), "--steps", "6", "--batch-size", "4", "-o", str(artifact)]) == 0
+    loaded, tiny = load_artifact(artifact), load(tiny_run)
+    assert isinstance(loaded.model, CALM) and len(loaded.model.bridges) == 1  # 2 layers, every 2nd
+    for part in (loaded.model.anchor, loaded.model.augmenting):  # the frozen models, as packed int8
+        for name, tensor in part.state_dict().items():
+            torch.testing.assert_close(tensor, tiny.model.state_dict()[name], rtol=0.05, atol=0.02)
+    assert loaded.model.bridges[0].out.weight.abs().sum() > 0
+    assert "bridges" in describe(artifact)
+    text, packed, restored = tmp_path / "t.txt", tmp_path / "t.sbz", tmp_path / "r.txt"
+    text.write_bytes(PROSE * 4)
+    assert main(["compress", str(artifact), str(text), "-o", str(packed)]) == 0
+    assert main(["decompress", str(artifact), str(packed), "-o", str(restored)]) == 0
+    assert restored.read_bytes() == text.read_bytes()

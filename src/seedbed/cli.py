@@ -188,6 +188,19 @@ def build_parser() -> argparse.ArgumentParser:
     goose.add_argument("--quant", default="int8", help="the artifact's storage rule, as pack's --quant (default int8)")
     goose.add_argument("--out", help="compose folder (default: runs/phatgoose-TIME)")
 
+    calm = methods.add_parser("calm", help="CALM: an anchor model reads an augmenting model's hidden states "
+                                           "through trained cross-attention bridges")
+    calm.add_argument("--anchor", required=True, metavar="RUN", help="the anchor model (run folder or artifact)")
+    calm.add_argument("--augmenting", required=True, metavar="RUN", help="the augmenting model (same tokenizer)")
+    calm.add_argument("--data", default="default+pystdlib", help="the set the bridges train on (default: default+pystdlib)")
+    calm.add_argument("--steps", type=positive_int, required=True, help="bridge training steps")
+    calm.add_argument("--every", type=positive_int, default=2, help="a bridge after every n-th anchor layer (default 2)")
+    calm.add_argument("--heads", type=positive_int, default=4, help="attention heads per bridge (default 4)")
+    calm.add_argument("--lr", type=positive_float, default=1e-3, help="Adam learning rate (default 0.001)")
+    calm.add_argument("--batch-size", type=positive_int, default=16, help="sequences per step (default 16)")
+    calm.add_argument("--quant", default="int8", help="the artifact's storage rule, as pack's --quant (default int8)")
+    calm.add_argument("-o", "--out", required=True, help="the artifact to write")
+
     bench = commands.add_parser("bench", help="benchmarks that write a table to BENCHMARKS.md")
     bench.add_argument("suite", choices=("train", "codec", "seeds", "mixkabrn", "hybrid", "hourglass", "peer",
                                           "grokfast", "architectures", "golf"))
@@ -336,6 +349,9 @@ def cmd_compose(args: argparse.Namespace) -> None:
     if args.method == "phatgoose":
         compose_phatgoose(args)
         return
+    if args.method == "calm":
+        compose_calm(args)
+        return
     from seedbed.compose.workflow import CLUSTERS_FILE, cbtm_from_runs, cluster_corpus, expert_config, shared_tokenizer, \
         train_experts
     from seedbed.config import resolve_config
@@ -418,6 +434,23 @@ def compose_phatgoose(args: argparse.Namespace) -> None:
     result = pack_model(composed, artifact, rule)
     print(describe(artifact))
     print(f"wrote {artifact}: {result.size:,} bytes; score it with: seedbed eval {artifact}")
+
+
+def compose_calm(args: argparse.Namespace) -> None:
+    from seedbed.compose.workflow import calm_from_runs
+    from seedbed.pack.artifact import QuantRule
+    from seedbed.pack.pack import describe, pack_model
+    from seedbed.runs import load
+
+    rule = QuantRule.parse(args.quant)
+    anchor, augmenting = load(args.anchor), load(args.augmenting)
+    print(f"training the bridges for {args.steps} steps on {args.data}", file=sys.stderr)
+    composed, loss = calm_from_runs(anchor, augmenting, args.data, args.every, args.heads, args.steps,
+                                    args.batch_size, args.lr)
+    result = pack_model(composed, args.out, rule)
+    print(describe(args.out))
+    print(f"bridges: last training loss {loss:.4f}")
+    print(f"wrote {args.out}: {result.size:,} bytes; score it with: seedbed eval {args.out}")
 
 
 def cmd_info(args: argparse.Namespace) -> None:

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from seedbed.compose.fit import train_steps
 from seedbed.errors import UserError
 from seedbed.model.layers import DenseLinear
 from seedbed.model.lm import LM, check_sampling, decode
@@ -166,24 +167,12 @@ def train_module(model: PhatGoose, tokens: torch.Tensor, steps: int, gate_steps:
                  lr: float, seed: int) -> dict[str, float]:
     """Train module 0 of ``model`` (E = 1) on ``tokens`` (a 1-D stream): ``steps`` Adam steps of its
     LoRA, then ``gate_steps`` of its gate, LoRA frozen. Returns the last losses and seconds."""
-    context = model.cfg.max_seq_len
-    if len(tokens) < context + 2:
-        raise UserError(f"the cluster's training text has {len(tokens)} tokens, fewer than one context of {context}")
     generator = torch.Generator().manual_seed(seed)
-    window = torch.arange(context + 1)
-    losses, start = {}, time.perf_counter()
-    model.train()
-    for mode, count in (("expert", steps), ("gate", gate_steps)):
-        model.set_mode(mode, 0)
-        optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
-        for _ in range(count):
-            rows = tokens[torch.randint(0, len(tokens) - context - 1, (batch_size,), generator=generator)[:, None] + window]
-            loss = F.cross_entropy(model(rows[:, :-1]).flatten(0, 1), rows[:, 1:].flatten())
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            losses[mode] = loss.item()
-    model.eval()
+    start = time.perf_counter()
+    model.set_mode("expert", 0)
+    module_loss = train_steps(model, tokens, steps, batch_size, lr, generator)
+    model.set_mode("gate", 0)
+    gate_loss = train_steps(model, tokens, gate_steps, batch_size, lr, generator)
     model.set_mode("routed")
-    return {"module_loss": losses.get("expert", float("nan")), "gate_loss": losses.get("gate", float("nan")),
-            "seconds": time.perf_counter() - start}
+    model.eval()
+    return {"module_loss": module_loss, "gate_loss": gate_loss, "seconds": time.perf_counter() - start}

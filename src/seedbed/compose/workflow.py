@@ -206,3 +206,27 @@ def phatgoose_from_modules(base: LoadedModel, paths: list[Path], rank: int, top_
     model.eval()
     config = config_from_dict({**base.config.to_dict(), "data": {**base.config.to_dict()["data"], "spec": spec}})
     return LoadedModel(model, config, base.tokenizer, paths[0].parent)
+
+
+def calm_from_runs(anchor: LoadedModel, augmenting: LoadedModel, spec: str, every: int, heads: int, steps: int,
+                   batch_size: int, lr: float, seed: int = 0) -> tuple[LoadedModel, float]:
+    """A CALM model whose bridges are trained ``steps`` Adam steps on ``spec``'s train split (both
+    models frozen); returns it loaded, and the last training loss."""
+    from seedbed.compose.calm import CALM
+    from seedbed.compose.fit import train_steps
+    from seedbed.data import load_dataset
+
+    if anchor.tokenizer.model_proto != augmenting.tokenizer.model_proto:
+        raise UserError("the anchor and the augmenting model use different tokenizers; CALM needs one")
+    tokenizer = "bytes" if anchor.tokenizer.model_proto is None else None
+    model = CALM(anchor.model, augmenting.model, every, heads)
+    if tokenizer is None:  # the anchor's SentencePiece model, as a file the data loader can read
+        path = (anchor.path if anchor.path.is_dir() else anchor.path.parent) / "tokenizer.model"
+        tokenizer = f"sp:{path.resolve()}"
+        if not path.is_file():
+            raise UserError(f"{path} is missing: CALM reads the anchor's tokenizer from its run folder")
+    tokens = torch.from_numpy(np.asarray(load_dataset(spec, tokenizer).train.tokens, np.int64))
+    loss = train_steps(model, tokens, steps, batch_size, lr, torch.Generator().manual_seed(seed))
+    model.eval()
+    config = config_from_dict({**anchor.config.to_dict(), "data": {**anchor.config.to_dict()["data"], "spec": spec}})
+    return LoadedModel(model, config, anchor.tokenizer, anchor.path), loss

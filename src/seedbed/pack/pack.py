@@ -153,12 +153,15 @@ def describe(path: str | Path) -> str:
 
 def composed_parts(entries: list[dict]) -> dict[str, tuple[int, int]]:
     """Part -> (parameters, bytes) of a composed artifact's tensors: c-BTM's experts (``members.3``)
-    and router; PHATGOOSE's base and its LoRA modules with their gates."""
+    and router; PHATGOOSE's base and its LoRA modules with their gates; CALM's anchor, augmenting
+    model and bridges."""
     parts: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     for e in entries:
         names = e["name"].split(".")
         if names[0] == "members":
             part = ".".join(names[:2])
+        elif names[0] in ("anchor", "augmenting", "bridges"):
+            part = names[0]
         elif names[-1] in ("lora_a", "lora_b", "gates"):
             part = "LoRA modules and gates"
         else:
