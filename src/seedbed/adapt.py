@@ -72,7 +72,9 @@ class StreamScorer:
     def __init__(self, model, streams: int, stride: int, cache: TextCache | None = None,
                  adapt: AdaptOptions | None = None, length: int = 0):
         if adapt is not None and adapt.model_lr > 0:
-            model = copy.deepcopy(model)  # the caller's model stays as it was
+            # The caller's model stays as it was; every weight of the copy learns, also those a
+            # composed model keeps frozen (a PHATGOOSE base, CALM's two models).
+            model = copy.deepcopy(model).requires_grad_(True)
         if cache is not None:  # the gate refits; with adaptation it also weighs the online sources
             order = cache.ngram.max_order
             mixer = cache.mixer.widened(order, online_orders(order)) if adapt is not None else cache.mixer

@@ -22,8 +22,12 @@ in the assignment.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import scipy.sparse as sparse
+
+if TYPE_CHECKING:
+    import scipy.sparse as sparse
 
 BUCKET_BITS = 12
 BIGRAM_BUCKETS = 1 << BUCKET_BITS
@@ -49,6 +53,7 @@ def text_features(tokens: np.ndarray, vocab: int) -> np.ndarray:
 
 def count_matrix(token_lists: list[np.ndarray], vocab: int) -> sparse.csr_matrix:
     """Counts (texts x features) of each text's features."""
+    import scipy.sparse as sparse  # here, not at the top: every seedbed command imports this module
     indptr, indices, counts = [0], [], []
     for tokens in token_lists:
         features, feature_counts = np.unique(text_features(tokens, vocab), return_counts=True)
@@ -66,6 +71,7 @@ def smooth_idf(counts: sparse.csr_matrix) -> np.ndarray:
 
 def embed(counts: sparse.csr_matrix, idf: np.ndarray) -> sparse.csr_matrix:
     """Rows of ``counts`` weighted by idf and scaled to unit length (an empty row stays zero)."""
+    import scipy.sparse as sparse
     weighted = sparse.csr_matrix(counts.multiply(idf[None, :]))
     norms = np.sqrt(np.asarray(weighted.multiply(weighted).sum(1)).ravel())
     return sparse.csr_matrix(sparse.diags(1 / np.where(norms > 0, norms, 1)) @ weighted)
@@ -98,6 +104,7 @@ def balanced_assignment(distances: np.ndarray) -> np.ndarray:
 
 def balanced_kmeans(embedded: sparse.csr_matrix, k: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """(centres (K, F), assignment of each row) of balanced k-means (see the module docstring)."""
+    import scipy.sparse as sparse
     from sklearn.cluster import KMeans
 
     if not 1 <= k <= embedded.shape[0]:
