@@ -1,17 +1,16 @@
 """Bad input through the CLI: one line on stderr, exit code 2, no traceback, nothing written."""
 
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from run_cli import seedbed
 
 TINY = ["model.d_model=32", "model.n_layers=1", "model.max_seq_len=32", "model.mixer.n_heads=2",
         "train.batch_size=2", "train.dtype=fp32"]
 
 
-def seedbed(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "seedbed", *args], capture_output=True, text=True, timeout=300)
 
 
 def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> None:

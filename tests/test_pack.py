@@ -1,8 +1,6 @@
 """Artifacts: storage kinds round-trip, packed models reproduce their logits, bytes add up."""
 
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -14,9 +12,9 @@ from seedbed.pack.kinds import KINDS, get_kind, pack_bits, unpack_bits
 from seedbed.pack.pack import describe, load_artifact, pack_model
 from seedbed.runs import load
 
+from run_cli import seedbed
 
-def seedbed(*args):
-    return subprocess.run([sys.executable, "-m", "seedbed", *args], capture_output=True, text=True, timeout=600)
+
 
 
 @pytest.mark.parametrize("bits", [2, 4, 6])

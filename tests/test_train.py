@@ -18,6 +18,8 @@ from seedbed.errors import UserError
 from seedbed.train.checkpoint import load_checkpoint
 from seedbed.train.trainer import Trainer, TrainingDiverged
 
+from run_cli import seedbed
+
 TORCHRUN_BESIDE_PYTHON = Path(sys.executable).parent / "torchrun"
 TORCHRUN = shutil.which("torchrun") or (str(TORCHRUN_BESIDE_PYTHON) if TORCHRUN_BESIDE_PYTHON.exists() else None)
 needs_torchrun = pytest.mark.skipif(TORCHRUN is None, reason="torchrun not installed")
@@ -31,9 +33,6 @@ def tiny_config(corpus: Path, *extra: str):
     return resolve_config("gpt", overrides=TINY + [f'data.spec="{corpus}"', *extra])
 
 
-def seedbed(*args: str, timeout: float = 300, **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "seedbed", *args], capture_output=True, text=True,
-                          timeout=timeout, **kwargs)
 
 
 def interrupt_at_step(trainer: Trainer, step: int) -> None:
