@@ -24,7 +24,7 @@ from torch import nn
 
 from seedbed.errors import UserError
 from seedbed.model.attention import fast_attention
-from seedbed.model.lm import LM, check_sampling, decode
+from seedbed.model.lm import LM, PlainDecoding
 from seedbed.model.stack import run_stack
 
 
@@ -70,8 +70,10 @@ def reference_bridge(bridge: Bridge, h: torch.Tensor, augmenting: torch.Tensor) 
     return torch.stack(rows, 1)
 
 
-class CALM(nn.Module):
+class CALM(PlainDecoding, nn.Module):
     """An anchor LM with bridges into an augmenting LM; answers like the anchor."""
+
+    label = "CALM"
 
     def __init__(self, anchor: LM, augmenting: LM, every: int = 2, heads: int = 4):
         super().__init__()
@@ -144,11 +146,3 @@ class CALM(nn.Module):
     def step(self, tokens: torch.Tensor, state: dict) -> tuple[torch.Tensor, dict]:
         return self.run(tokens, state)
 
-    @torch.no_grad()
-    def generate(self, prompt: list[int], max_new_tokens: int, temperature: float = 1.0, top_k: int = 0,
-                 top_p: float = 1.0, generator: torch.Generator | None = None, draft_layers: int = 0,
-                 draft_tokens: int = 4, stats=None, mix=None):
-        check_sampling(prompt, temperature, top_k, top_p)
-        if draft_layers:
-            raise UserError("self-speculative decoding is not supported for a CALM artifact")
-        yield from decode(self, prompt, max_new_tokens, temperature, top_k, top_p, generator, mix)

@@ -35,7 +35,7 @@ from torch import nn
 
 from seedbed.compose.cluster import bigram_features, feature_count
 from seedbed.errors import UserError
-from seedbed.model.lm import LM, check_sampling, decode
+from seedbed.model.lm import LM, PlainDecoding
 
 
 def prior_occurrences(features: torch.Tensor) -> torch.Tensor:
@@ -124,9 +124,11 @@ def reference_log_weights(tokens: list[int], idf: np.ndarray, centres: np.ndarra
     return np.array(rows)
 
 
-class CBTM(nn.Module):
+class CBTM(PlainDecoding, nn.Module):
     """K expert LMs (one vocabulary, one context length) mixed by ``Router``. Its "logits" are the
     mixture's log-probabilities, so every consumer of an LM's logits normalises them unchanged."""
+
+    label = "c-BTM"
 
     def __init__(self, members: list[LM], router: Router):
         super().__init__()
@@ -165,14 +167,6 @@ class CBTM(nn.Module):
         log_weights, router_state = self.router.advance(tokens, state[-1])
         return self.mix([logits for logits, _ in outputs], log_weights), [s for _, s in outputs] + [router_state]
 
-    @torch.no_grad()
-    def generate(self, prompt: list[int], max_new_tokens: int, temperature: float = 1.0, top_k: int = 0,
-                 top_p: float = 1.0, generator: torch.Generator | None = None, draft_layers: int = 0,
-                 draft_tokens: int = 4, stats=None, mix=None):
-        check_sampling(prompt, temperature, top_k, top_p)
-        if draft_layers:
-            raise UserError("self-speculative decoding needs one model; a c-BTM artifact has several experts")
-        yield from decode(self, prompt, max_new_tokens, temperature, top_k, top_p, generator, mix)
 
 
 def checked_temperature(fields: dict, where: str) -> float:

@@ -30,7 +30,7 @@ from torch import nn
 from seedbed.compose.fit import train_steps
 from seedbed.errors import UserError
 from seedbed.model.layers import DenseLinear
-from seedbed.model.lm import LM, check_sampling, decode
+from seedbed.model.lm import LM, PlainDecoding
 
 STANDARDISE_EPS = 1e-6
 
@@ -87,8 +87,10 @@ def adapted_linears(model: LM) -> list[str]:
     return [name for name, module in model.named_modules() if isinstance(module, DenseLinear) and name != "head"]
 
 
-class PhatGoose(nn.Module):
+class PhatGoose(PlainDecoding, nn.Module):
     """A base LM whose dense linears are ``LoRALibrary``s; answers like the LM it wraps."""
+
+    label = "PHATGOOSE"
 
     def __init__(self, model: LM, experts: int, rank: int, top_k: int = 2):
         super().__init__()
@@ -153,14 +155,6 @@ class PhatGoose(nn.Module):
     def step(self, tokens: torch.Tensor, state: list) -> tuple[torch.Tensor, list]:
         return self.model.step(tokens, state)
 
-    @torch.no_grad()
-    def generate(self, prompt: list[int], max_new_tokens: int, temperature: float = 1.0, top_k: int = 0,
-                 top_p: float = 1.0, generator: torch.Generator | None = None, draft_layers: int = 0,
-                 draft_tokens: int = 4, stats=None, mix=None):
-        check_sampling(prompt, temperature, top_k, top_p)
-        if draft_layers:
-            raise UserError("self-speculative decoding is not supported for a PHATGOOSE artifact")
-        yield from decode(self, prompt, max_new_tokens, temperature, top_k, top_p, generator, mix)
 
 
 def train_module(model: PhatGoose, tokens: torch.Tensor, steps: int, gate_steps: int, batch_size: int,

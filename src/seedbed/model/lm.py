@@ -17,6 +17,7 @@ from torch import nn
 from seedbed.model import (attention, bitlinear, hourglass, kan, mamba2, mlp, modulo_experts, moe,  # noqa: F401
                            multichannel, peer, retention, seeded)
 from seedbed.config import ModelConfig
+from seedbed.errors import UserError
 from seedbed.hardware import return_large_frees_to_the_system
 from seedbed.model.layers import BuildContext
 from seedbed.model.layerskip import DraftStats, SelfSpeculative, early_exit_objective, layer_dropout_rates
@@ -127,6 +128,22 @@ def check_sampling(prompt: list[int], temperature: float, top_k: int, top_p: flo
     require(temperature >= 0, f"temperature must be >= 0, got {temperature}")
     require(top_k >= 0, f"top-k must be >= 0, got {top_k}")
     require(0 < top_p <= 1, f"top-p must be in (0, 1], got {top_p}")
+
+
+class PlainDecoding:
+    """``generate`` for a model made of several (the composed ones): plain sampling through
+    ``decode``; self-speculative decoding needs one model's early layers, so it is refused."""
+
+    label = "this"  # the model's name in the refusal
+
+    @torch.no_grad()
+    def generate(self, prompt: list[int], max_new_tokens: int, temperature: float = 1.0, top_k: int = 0,
+                 top_p: float = 1.0, generator: torch.Generator | None = None, draft_layers: int = 0,
+                 draft_tokens: int = 4, stats: DraftStats | None = None, mix=None) -> Iterator[int]:
+        check_sampling(prompt, temperature, top_k, top_p)
+        if draft_layers:
+            raise UserError(f"self-speculative decoding is not supported for a {self.label} artifact")
+        yield from decode(self, prompt, max_new_tokens, temperature, top_k, top_p, generator, mix)
 
 
 def decode(model: nn.Module, prompt: list[int], max_new_tokens: int, temperature: float, top_k: int, top_p: float,
