@@ -203,6 +203,30 @@ def test_compose_cbtm_end_to_end(two_domains, tmp_path, capsys):
     assert (out / "cbtm.seedbed").read_bytes() == before
 
 
+def test_compose_cbtm_branches_every_expert_from_a_seed_model(tiny_run, two_domains, tmp_path):
+    """``--seed-model``: each expert is the seed's model, starting from its weights (with the learning
+    rates at 0 its one step leaves them exactly there), on the seed's tokenizer."""
+    out = tmp_path / "btm"
+    spec = f"{two_domains / 'prose'}+{two_domains / 'code'}"
+    assert main(["compose", "cbtm", "--seed-model", str(tiny_run), "--data", spec, "--chunk-bytes", "4096",
+                 "--steps", "1", "--out", str(out), "train.lr=0", "train.matrix_lr=0", "train.eval_tokens=512"]) == 0
+    seed = load(tiny_run).model.state_dict()
+    for index in range(2):
+        expert = load(out / f"expert-{index}")
+        assert expert.config.model == load(tiny_run).config.model
+        assert all(torch.equal(value, seed[name]) for name, value in expert.model.state_dict().items())
+
+
+def test_init_from_refuses_another_model(tiny_run, small_corpus, tmp_path):
+    from seedbed.config import resolve_config
+    from seedbed.train.trainer import Trainer
+
+    cfg = resolve_config("gpt", overrides=["model.d_model=32", "model.n_layers=2", "model.max_seq_len=64",
+                                           "train.steps=1", f'data.spec="{small_corpus}"', f'train.init_from="{tiny_run}"'])
+    with pytest.raises(UserError, match="is not this run's model"):
+        Trainer(cfg, tmp_path / "run", progress=False)
+
+
 def check_clusters_are_the_domains(out: Path) -> None:
     fields = json.loads((out / "clusters.json").read_text())
     listing = [line.split("\t") for line in (out / "clusters.tsv").read_text().splitlines()[1:]]
@@ -339,7 +363,7 @@ def test_phatgoose_training_moves_only_the_module_then_only_the_gate():
     tokens = torch.from_numpy(np.frombuffer(PROSE * 40, np.uint8).astype(np.int64)) % VOCAB
     with torch.no_grad():
         before = torch.nn.functional.cross_entropy(model(tokens[None, :-1]).flatten(0, 1), tokens[1:]).item()
-    stats = train_module(model, tokens, steps=30, gate_steps=5, batch_size=4, lr=3e-3, seed=0)
+    stats = train_module(model, tokens, gate_steps=5, batch_size=4, lr=3e-3, seed=0, steps=30)
     assert stats["module_loss"] < before - 0.5, (before, stats)
     for name, tensor in model.model.state_dict().items():
         if name in frozen:
@@ -382,6 +406,18 @@ def test_compose_phatgoose_end_to_end(tiny_run, two_domains, tmp_path):
     tokens = torch.from_numpy(base.encode(CODE * 2).astype(np.int64))[None]
     with torch.no_grad():
         assert not torch.allclose(loaded.model.log_probs(tokens), base.model.log_probs(tokens), atol=1e-4)
+
+
+def test_train_steps_takes_a_budget_of_steps_or_seconds():
+    from seedbed.compose.fit import train_steps
+
+    model = small_model(seed=0)
+    tokens = torch.randint(0, VOCAB, (400,), generator=torch.Generator().manual_seed(0))
+    by_steps = train_steps(model, tokens, 2, 1e-3, torch.Generator().manual_seed(0), steps=3)
+    by_time = train_steps(model, tokens, 2, 1e-3, torch.Generator().manual_seed(0), seconds=0.3)
+    assert by_steps.steps == 3 and by_time.steps >= 1 and by_time.seconds >= 0.3
+    with pytest.raises(ValueError):
+        train_steps(model, tokens, 2, 1e-3, torch.Generator(), steps=3, seconds=1.0)
 
 
 # -- CALM -----------------------------------------------------------------------------------------

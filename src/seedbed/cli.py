@@ -162,6 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="T of the router's softmax over -distance^2 / T (default 0.1)")
     source = cbtm.add_mutually_exclusive_group()
     source.add_argument("--preset", help="each expert's preset (default: gpt)")
+    source.add_argument("--seed-model", metavar="RUN",
+                        help="every expert starts from this trained model's weights and config (Branch-Train-Merge)")
     source.add_argument("--experts", nargs="+", metavar="RUN",
                         help="trained run folders of cluster:0:FILE, cluster:1:FILE, ... (skips clustering and training)")
     length = cbtm.add_mutually_exclusive_group()
@@ -178,7 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
     goose.add_argument("--data", default="default+pystdlib", help="the corpus to cluster (default: default+pystdlib)")
     goose.add_argument("--clusters", type=positive_int, default=2, help="clusters, one module each (default 2)")
     goose.add_argument("--chunk-bytes", type=positive_int, default=8192, help="chunk size for clustering (default 8192)")
-    goose.add_argument("--steps", type=positive_int, required=True, help="each module's LoRA training steps")
+    goose_length = goose.add_mutually_exclusive_group(required=True)
+    goose_length.add_argument("--steps", type=positive_int, help="each module's LoRA training steps")
+    goose_length.add_argument("--minutes", type=positive_float, help="each module's LoRA training time")
     goose.add_argument("--gate-steps", type=positive_int, default=100, help="each gate's training steps (default 100)")
     goose.add_argument("--rank", type=positive_int, default=8, help="LoRA rank (default 8)")
     goose.add_argument("--top-k", type=positive_int, default=2, help="modules routed to per token and layer (default 2)")
@@ -193,7 +197,9 @@ def build_parser() -> argparse.ArgumentParser:
     calm.add_argument("--anchor", required=True, metavar="RUN", help="the anchor model (run folder or artifact)")
     calm.add_argument("--augmenting", required=True, metavar="RUN", help="the augmenting model (same tokenizer)")
     calm.add_argument("--data", default="default+pystdlib", help="the set the bridges train on (default: default+pystdlib)")
-    calm.add_argument("--steps", type=positive_int, required=True, help="bridge training steps")
+    calm_length = calm.add_mutually_exclusive_group(required=True)
+    calm_length.add_argument("--steps", type=positive_int, help="bridge training steps")
+    calm_length.add_argument("--minutes", type=positive_float, help="bridge training time")
     calm.add_argument("--every", type=positive_int, default=2, help="a bridge after every n-th anchor layer (default 2)")
     calm.add_argument("--heads", type=positive_int, default=4, help="attention heads per bridge (default 4)")
     calm.add_argument("--lr", type=positive_float, default=1e-3, help="Adam learning rate (default 0.001)")
@@ -352,9 +358,9 @@ def cmd_compose(args: argparse.Namespace) -> None:
     if args.method == "calm":
         compose_calm(args)
         return
-    from seedbed.compose.workflow import CLUSTERS_FILE, cbtm_from_runs, cluster_corpus, expert_config, shared_tokenizer, \
-        train_experts
-    from seedbed.config import resolve_config
+    from seedbed.compose.workflow import CLUSTERS_FILE, base_tokenizer, cbtm_from_runs, cluster_corpus, expert_config, \
+        shared_tokenizer, train_experts
+    from seedbed.config import apply_overrides, config_from_dict, resolve_config
     from seedbed.data.clusters import parse_cluster_spec
     from seedbed.pack.artifact import QuantRule
     from seedbed.pack.pack import describe, pack_model
@@ -378,14 +384,20 @@ def cmd_compose(args: argparse.Namespace) -> None:
         if not (args.minutes or args.steps):
             raise UserError("set each expert's training budget: --minutes M or --steps N")
         budget = [f"train.minutes={args.minutes}", "train.steps=0"] if args.minutes else [f"train.steps={args.steps}"]
-        base = resolve_config(args.preset, None, [*args.overrides, f"data.spec={quote(args.data)}", *budget])
+        settings = [*args.overrides, f"data.spec={quote(args.data)}", *budget]
+        seed = load(args.seed_model) if args.seed_model else None
+        if seed is None:
+            base = resolve_config(args.preset, None, settings)
+        else:  # the seed's own config, so the experts are its model; its weights start each of them
+            init = f"train.init_from={quote(str(Path(args.seed_model).resolve()))}"
+            base = config_from_dict(apply_overrides(seed.config.to_dict(), [*settings, init]))
         out = Path(args.out) if args.out else Path("runs") / f"cbtm-{time.strftime('%Y%m%d-%H%M%S')}"
         if out.exists() and any(out.iterdir()):
             raise UserError(f"{out} is not empty; pick another --out, or pass --experts to reuse trained experts")
         out.mkdir(parents=True, exist_ok=True)
         clusters_path = out / CLUSTERS_FILE
-        print(f"[1/4] tokenizer ({base.data.tokenizer})", file=sys.stderr)
-        tokenizer = shared_tokenizer(base, out)
+        print(f"[1/4] tokenizer ({'the seed model' if seed else base.data.tokenizer})", file=sys.stderr)
+        tokenizer = shared_tokenizer(base, out) if seed is None else base_tokenizer(seed, out)
         print(f"[2/4] clustering {args.data} into {args.clusters} in chunks of {args.chunk_bytes} bytes", file=sys.stderr)
         assignment = cluster_corpus(args.data, tokenizer, base.data.vocab_size, args.clusters, args.chunk_bytes,
                                     clusters_path)
@@ -426,7 +438,7 @@ def compose_phatgoose(args: argparse.Namespace) -> None:
     parallel = args.parallel or min(args.clusters, os.cpu_count() or 1)
     print(f"[2/3] training {args.clusters} LoRA modules and gates, {parallel} at a time", file=sys.stderr)
     specs = [f"cluster:{i}:{clusters_path.resolve()}" for i in range(args.clusters)]
-    paths = train_phatgoose_modules(Path(args.base), specs, tokenizer, args.rank, args.steps, args.gate_steps,
+    paths = train_phatgoose_modules(Path(args.base), specs, tokenizer, args.rank, budget_of(args), args.gate_steps,
                                     args.batch_size, args.lr, out, parallel)
     print("[3/3] packing the base, the modules and their gates", file=sys.stderr)
     composed = phatgoose_from_modules(base, paths, args.rank, args.top_k, args.data)
@@ -434,6 +446,11 @@ def compose_phatgoose(args: argparse.Namespace) -> None:
     result = pack_model(composed, artifact, rule)
     print(describe(artifact))
     print(f"wrote {artifact}: {result.size:,} bytes; score it with: seedbed eval {artifact}")
+
+
+def budget_of(args: argparse.Namespace) -> dict:
+    """``--steps N`` or ``--minutes M`` as the compositions' training budget."""
+    return {"steps": args.steps} if args.steps else {"seconds": args.minutes * 60}
 
 
 def compose_calm(args: argparse.Namespace) -> None:
@@ -444,12 +461,13 @@ def compose_calm(args: argparse.Namespace) -> None:
 
     rule = QuantRule.parse(args.quant)
     anchor, augmenting = load(args.anchor), load(args.augmenting)
-    print(f"training the bridges for {args.steps} steps on {args.data}", file=sys.stderr)
-    composed, loss = calm_from_runs(anchor, augmenting, args.data, args.every, args.heads, args.steps,
-                                    args.batch_size, args.lr)
+    length = f"{args.steps} steps" if args.steps else f"{args.minutes:g} minutes"
+    print(f"training the bridges for {length} on {args.data}", file=sys.stderr)
+    composed, fit = calm_from_runs(anchor, augmenting, args.data, args.every, args.heads, budget_of(args),
+                                   args.batch_size, args.lr)
     result = pack_model(composed, args.out, rule)
     print(describe(args.out))
-    print(f"bridges: last training loss {loss:.4f}")
+    print(f"bridges: {fit.steps} steps in {fit.seconds:.1f} s, last training loss {fit.loss:.4f}")
     print(f"wrote {args.out}: {result.size:,} bytes; score it with: seedbed eval {args.out}")
 
 

@@ -226,6 +226,9 @@ class TrainConfig:
     # What the training loss averages over: every next token, or (modular:P data) only the answer
     # tokens, as grokking was studied; evaluation scores every token either way.
     loss_on: str = "all"  # all | answers
+    # A run folder or artifact whose weights start this run (a branch of a seed model, as in
+    # Branch-Train-Merge); its model must be this run's model and its tokenizer this run's.
+    init_from: str = ""
 
     def check(self, where: str) -> None:
         for name in ("batch_size", "grad_accum", "log_every"):

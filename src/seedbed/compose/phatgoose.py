@@ -156,17 +156,18 @@ class PhatGoose(PlainDecoding, nn.Module):
         return self.model.step(tokens, state)
 
 
-
-def train_module(model: PhatGoose, tokens: torch.Tensor, steps: int, gate_steps: int, batch_size: int,
-                 lr: float, seed: int) -> dict[str, float]:
-    """Train module 0 of ``model`` (E = 1) on ``tokens`` (a 1-D stream): ``steps`` Adam steps of its
-    LoRA, then ``gate_steps`` of its gate, LoRA frozen. Returns the last losses and seconds."""
+def train_module(model: PhatGoose, tokens: torch.Tensor, gate_steps: int, batch_size: int, lr: float, seed: int,
+                 steps: int = 0, seconds: float = 0.0) -> dict[str, float]:
+    """Train module 0 of ``model`` (E = 1) on ``tokens`` (a 1-D stream): Adam on its LoRA for
+    ``steps`` steps or ``seconds``, then ``gate_steps`` on its gate, LoRA frozen. Returns the last
+    losses, the LoRA's steps and the seconds of both."""
     generator = torch.Generator().manual_seed(seed)
     start = time.perf_counter()
     model.set_mode("expert", 0)
-    module_loss = train_steps(model, tokens, steps, batch_size, lr, generator)
+    module = train_steps(model, tokens, batch_size, lr, generator, steps=steps, seconds=seconds)
     model.set_mode("gate", 0)
-    gate_loss = train_steps(model, tokens, gate_steps, batch_size, lr, generator)
+    gate = train_steps(model, tokens, batch_size, lr, generator, steps=gate_steps)
     model.set_mode("routed")
     model.eval()
-    return {"module_loss": module_loss, "gate_loss": gate_loss, "seconds": time.perf_counter() - start}
+    return {"module_loss": module.loss, "module_steps": module.steps, "gate_loss": gate.loss,
+            "seconds": time.perf_counter() - start}

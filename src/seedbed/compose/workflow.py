@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from seedbed.compose.cbtm import CBTM, Router
 from seedbed.compose.cluster import balanced_kmeans, count_matrix, embed, nearest, smooth_idf
+from seedbed.compose.fit import Fit, train_steps
 from seedbed.config import RunConfig, config_from_dict
 from seedbed.data import load_splits, make_tokenizer
 from seedbed.data.clusters import chunk_documents, read_clusters, write_clusters
@@ -158,7 +159,7 @@ def base_tokenizer(base: LoadedModel, out: Path) -> str:
     return f"sp:{path}"
 
 
-def _train_phatgoose_module(base_path: Path, spec: str, tokenizer_spec: str, rank: int, steps: int, gate_steps: int,
+def _train_phatgoose_module(base_path: Path, spec: str, tokenizer_spec: str, rank: int, budget: dict, gate_steps: int,
                             batch_size: int, lr: float, seed: int, path: Path, threads: int) -> dict:
     from seedbed.compose.phatgoose import PhatGoose, train_module
     from seedbed.data import load_dataset
@@ -169,22 +170,22 @@ def _train_phatgoose_module(base_path: Path, spec: str, tokenizer_spec: str, ran
     base = load(base_path)
     tokens = torch.from_numpy(np.asarray(load_dataset(spec, tokenizer_spec).train.tokens, np.int64))
     model = PhatGoose(base.model, 1, rank)
-    stats = train_module(model, tokens, steps, gate_steps, batch_size, lr, seed)
-    save_checkpoint(path, model.module_tensors(0), {"data": spec, "rank": rank, "steps": steps,
-                                                    "gate_steps": gate_steps, **stats})
+    stats = train_module(model, tokens, gate_steps, batch_size, lr, seed, **budget)
+    save_checkpoint(path, model.module_tensors(0), {"data": spec, "rank": rank, "gate_steps": gate_steps, **stats})
     return stats
 
 
-def train_phatgoose_modules(base_path: Path, specs: list[str], tokenizer_spec: str, rank: int, steps: int,
+def train_phatgoose_modules(base_path: Path, specs: list[str], tokenizer_spec: str, rank: int, budget: dict,
                             gate_steps: int, batch_size: int, lr: float, out: Path, parallel: int) -> list[Path]:
-    """Module I (LoRA, then its gate) trained on ``specs[I]`` into ``out/module-I.safetensors``,
-    ``parallel`` at a time in spawned processes; one progress bar over the modules."""
+    """Module I (LoRA for ``budget``, ``steps=N`` or ``seconds=S``, then its gate) trained on
+    ``specs[I]`` into ``out/module-I.safetensors``, ``parallel`` at a time in spawned processes;
+    one progress bar over the modules."""
     paths = [out / f"module-{index}.safetensors" for index in range(len(specs))]
     threads = max(1, (os.cpu_count() or 1) // parallel)
     context = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(parallel, mp_context=context) as pool, \
             tqdm(total=len(specs), desc="modules", unit="module", file=sys.stderr) as bar:
-        futures = {pool.submit(_train_phatgoose_module, base_path, spec, tokenizer_spec, rank, steps, gate_steps,
+        futures = {pool.submit(_train_phatgoose_module, base_path, spec, tokenizer_spec, rank, budget, gate_steps,
                                batch_size, lr, index, path, threads): index
                    for index, (spec, path) in enumerate(zip(specs, paths, strict=True))}
         for future in concurrent.futures.as_completed(futures):
@@ -208,12 +209,11 @@ def phatgoose_from_modules(base: LoadedModel, paths: list[Path], rank: int, top_
     return LoadedModel(model, config, base.tokenizer, paths[0].parent)
 
 
-def calm_from_runs(anchor: LoadedModel, augmenting: LoadedModel, spec: str, every: int, heads: int, steps: int,
-                   batch_size: int, lr: float, seed: int = 0) -> tuple[LoadedModel, float]:
-    """A CALM model whose bridges are trained ``steps`` Adam steps on ``spec``'s train split (both
-    models frozen); returns it loaded, and the last training loss."""
+def calm_from_runs(anchor: LoadedModel, augmenting: LoadedModel, spec: str, every: int, heads: int, budget: dict,
+                   batch_size: int, lr: float, seed: int = 0) -> tuple[LoadedModel, Fit]:
+    """A CALM model whose bridges are trained with Adam on ``spec``'s train split for ``budget``
+    (``steps=N`` or ``seconds=S``), both models frozen; returns it loaded, and how the training went."""
     from seedbed.compose.calm import CALM
-    from seedbed.compose.fit import train_steps
     from seedbed.data import load_dataset
 
     if anchor.tokenizer.model_proto != augmenting.tokenizer.model_proto:
@@ -226,7 +226,7 @@ def calm_from_runs(anchor: LoadedModel, augmenting: LoadedModel, spec: str, ever
         if not path.is_file():
             raise UserError(f"{path} is missing: CALM reads the anchor's tokenizer from its run folder")
     tokens = torch.from_numpy(np.asarray(load_dataset(spec, tokenizer).train.tokens, np.int64))
-    loss = train_steps(model, tokens, steps, batch_size, lr, torch.Generator().manual_seed(seed))
+    fit = train_steps(model, tokens, batch_size, lr, torch.Generator().manual_seed(seed), **budget)
     model.eval()
     config = config_from_dict({**anchor.config.to_dict(), "data": {**anchor.config.to_dict()["data"], "spec": spec}})
-    return LoadedModel(model, config, anchor.tokenizer, anchor.path), loss
+    return LoadedModel(model, config, anchor.tokenizer, anchor.path), fit

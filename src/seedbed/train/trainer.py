@@ -162,6 +162,8 @@ class Trainer:
 
         torch.manual_seed(tcfg.seed)
         self.model = LM(cfg.model).to(self.device)
+        if tcfg.init_from and self.checkpoint is None:
+            self.initialise_from(tcfg.init_from)
         self.optimizers = build_optimizers(self.model, tcfg)
         self.grad_filter = GradFilter.from_config(tcfg)
         self.data_rng = torch.Generator().manual_seed(tcfg.seed)
@@ -343,6 +345,18 @@ class Trainer:
         if self.data.val.answers is None:
             return {}
         return {"val_answer_accuracy": result.answer_accuracy, "val_answers": result.answers_total}
+
+    def initialise_from(self, source: str) -> None:
+        """Copy a trained model's weights into this one (``train.init_from``), after checking that
+        it is the same model on the same tokenizer: anything else would train from a wrong start."""
+        from seedbed.runs import load
+
+        seed = load(source)
+        if not isinstance(seed.model, LM) or seed.model.cfg != self.model.cfg:
+            raise UserError(f"train.init_from: {source} is not this run's model (its [model] config differs)")
+        if seed.tokenizer.model_proto != self.data.tokenizer.model_proto:
+            raise UserError(f"train.init_from: {source} was trained with another tokenizer than this run's")
+        self.model.load_state_dict(seed.model.state_dict())
 
     def sync_clock(self) -> None:
         """All ranks follow rank 0's clock, so they agree on the lr and on when to stop."""
