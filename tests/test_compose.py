@@ -363,7 +363,7 @@ def test_phatgoose_training_moves_only_the_module_then_only_the_gate():
     tokens = torch.from_numpy(np.frombuffer(PROSE * 40, np.uint8).astype(np.int64)) % VOCAB
     with torch.no_grad():
         before = torch.nn.functional.cross_entropy(model(tokens[None, :-1]).flatten(0, 1), tokens[1:]).item()
-    stats = train_module(model, tokens, gate_steps=5, batch_size=4, lr=3e-3, seed=0, steps=30)
+    stats = train_module(model, tokens, batch_size=4, lr=3e-3, seed=0, budget={"steps": 30}, gate_budget={"steps": 5})
     assert stats["module_loss"] < before - 0.5, (before, stats)
     for name, tensor in model.model.state_dict().items():
         if name in frozen:
@@ -398,7 +398,7 @@ def test_compose_phatgoose_end_to_end(tiny_run, two_domains, tmp_path):
     out = tmp_path / "goose"
     spec = f"{two_domains / 'prose'}+{two_domains / 'code'}"
     assert main(["compose", "phatgoose", "--base", str(tiny_run), "--data", spec, "--clusters", "2",
-                 "--chunk-bytes", "4096", "--steps", "8", "--gate-steps", "4", "--batch-size", "4", "--rank", "4",
+                 "--chunk-bytes", "4096", "--minutes", "0.02", "--gate-steps", "4", "--batch-size", "4", "--rank", "4",
                  "--out", str(out)]) == 0
     loaded = load_artifact(out / "phatgoose.seedbed")
     assert isinstance(loaded.model, PhatGoose) and loaded.model.experts == 2

@@ -209,10 +209,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = commands.add_parser("bench", help="benchmarks that write a table to BENCHMARKS.md")
     bench.add_argument("suite", choices=("train", "codec", "seeds", "mixkabrn", "hybrid", "hourglass", "peer",
-                                          "grokfast", "architectures", "golf"))
+                                          "grokfast", "architectures", "golf", "compose"))
     bench.add_argument("--minutes", type=positive_float, default=10.0,
                        help="train: budget for the bpb row; seeds, mixkabrn, hybrid, hourglass, grokfast, "
-                            "architectures, golf: training budget of every model")
+                            "architectures, golf: training budget of every model; compose: every row's total")
     bench.add_argument("--artifact", help="codec: the packed model to compress with")
     bench.add_argument("--variant", action="append", metavar="'NAME: key=value ...'",
                        help="train: a variant of the default preset to time and train beside the others (repeat)")
@@ -438,8 +438,8 @@ def compose_phatgoose(args: argparse.Namespace) -> None:
     parallel = args.parallel or min(args.clusters, os.cpu_count() or 1)
     print(f"[2/3] training {args.clusters} LoRA modules and gates, {parallel} at a time", file=sys.stderr)
     specs = [f"cluster:{i}:{clusters_path.resolve()}" for i in range(args.clusters)]
-    paths = train_phatgoose_modules(Path(args.base), specs, tokenizer, args.rank, budget_of(args), args.gate_steps,
-                                    args.batch_size, args.lr, out, parallel)
+    paths = train_phatgoose_modules(Path(args.base), specs, tokenizer, args.rank, budget_of(args),
+                                    {"steps": args.gate_steps}, args.batch_size, args.lr, out, parallel)
     print("[3/3] packing the base, the modules and their gates", file=sys.stderr)
     composed = phatgoose_from_modules(base, paths, args.rank, args.top_k, args.data)
     artifact = out / "phatgoose.seedbed"
@@ -554,6 +554,7 @@ def cmd_presets(args: argparse.Namespace) -> None:
 
 def cmd_bench(args: argparse.Namespace) -> None:
     from seedbed.bench.architectures import bench_architectures
+    from seedbed.bench.compose import bench_compose
     from seedbed.bench.golf import bench_golf
     from seedbed.bench.grokfast import bench_grokfast
     from seedbed.bench.hourglass import bench_hourglass
@@ -580,6 +581,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
         bench_architectures(args.minutes, Path(args.output))
     elif args.suite == "golf":
         bench_golf(args.minutes, Path(args.output))
+    elif args.suite == "compose":
+        bench_compose(args.minutes, Path(args.output))
     elif not args.artifact or not Path(args.artifact).is_file():
         raise UserError("bench codec needs --artifact FILE (make one with seedbed pack RUN)")
     else:

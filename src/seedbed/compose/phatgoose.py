@@ -156,18 +156,17 @@ class PhatGoose(PlainDecoding, nn.Module):
         return self.model.step(tokens, state)
 
 
-def train_module(model: PhatGoose, tokens: torch.Tensor, gate_steps: int, batch_size: int, lr: float, seed: int,
-                 steps: int = 0, seconds: float = 0.0) -> dict[str, float]:
+def train_module(model: PhatGoose, tokens: torch.Tensor, batch_size: int, lr: float, seed: int, budget: dict,
+                 gate_budget: dict) -> dict[str, float]:
     """Train module 0 of ``model`` (E = 1) on ``tokens`` (a 1-D stream): Adam on its LoRA for
-    ``steps`` steps or ``seconds``, then ``gate_steps`` on its gate, LoRA frozen. Returns the last
-    losses, the LoRA's steps and the seconds of both."""
+    ``budget``, then on its gate, LoRA frozen, for ``gate_budget`` (each ``steps=N`` or
+    ``seconds=S``). Returns the last losses, the steps and the seconds of both."""
     generator = torch.Generator().manual_seed(seed)
-    start = time.perf_counter()
     model.set_mode("expert", 0)
-    module = train_steps(model, tokens, batch_size, lr, generator, steps=steps, seconds=seconds)
+    module = train_steps(model, tokens, batch_size, lr, generator, **budget)
     model.set_mode("gate", 0)
-    gate = train_steps(model, tokens, batch_size, lr, generator, steps=gate_steps)
+    gate = train_steps(model, tokens, batch_size, lr, generator, **gate_budget)
     model.set_mode("routed")
     model.eval()
     return {"module_loss": module.loss, "module_steps": module.steps, "gate_loss": gate.loss,
-            "seconds": time.perf_counter() - start}
+            "gate_steps": gate.steps, "seconds": module.seconds + gate.seconds}

@@ -159,7 +159,7 @@ def base_tokenizer(base: LoadedModel, out: Path) -> str:
     return f"sp:{path}"
 
 
-def _train_phatgoose_module(base_path: Path, spec: str, tokenizer_spec: str, rank: int, budget: dict, gate_steps: int,
+def _train_phatgoose_module(base_path: Path, spec: str, tokenizer_spec: str, rank: int, budget: dict, gate_budget: dict,
                             batch_size: int, lr: float, seed: int, path: Path, threads: int) -> dict:
     from seedbed.compose.phatgoose import PhatGoose, train_module
     from seedbed.data import load_dataset
@@ -170,22 +170,22 @@ def _train_phatgoose_module(base_path: Path, spec: str, tokenizer_spec: str, ran
     base = load(base_path)
     tokens = torch.from_numpy(np.asarray(load_dataset(spec, tokenizer_spec).train.tokens, np.int64))
     model = PhatGoose(base.model, 1, rank)
-    stats = train_module(model, tokens, gate_steps, batch_size, lr, seed, **budget)
-    save_checkpoint(path, model.module_tensors(0), {"data": spec, "rank": rank, "gate_steps": gate_steps, **stats})
+    stats = train_module(model, tokens, batch_size, lr, seed, budget, gate_budget)
+    save_checkpoint(path, model.module_tensors(0), {"data": spec, "rank": rank, **stats})
     return stats
 
 
 def train_phatgoose_modules(base_path: Path, specs: list[str], tokenizer_spec: str, rank: int, budget: dict,
-                            gate_steps: int, batch_size: int, lr: float, out: Path, parallel: int) -> list[Path]:
-    """Module I (LoRA for ``budget``, ``steps=N`` or ``seconds=S``, then its gate) trained on
-    ``specs[I]`` into ``out/module-I.safetensors``, ``parallel`` at a time in spawned processes;
-    one progress bar over the modules."""
+                            gate_budget: dict, batch_size: int, lr: float, out: Path, parallel: int) -> list[Path]:
+    """Module I (its LoRA for ``budget``, then its gate for ``gate_budget``: ``steps=N`` or
+    ``seconds=S``) trained on ``specs[I]`` into ``out/module-I.safetensors``, ``parallel`` at a
+    time in spawned processes; one progress bar over the modules."""
     paths = [out / f"module-{index}.safetensors" for index in range(len(specs))]
     threads = max(1, (os.cpu_count() or 1) // parallel)
     context = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(parallel, mp_context=context) as pool, \
             tqdm(total=len(specs), desc="modules", unit="module", file=sys.stderr) as bar:
-        futures = {pool.submit(_train_phatgoose_module, base_path, spec, tokenizer_spec, rank, budget, gate_steps,
+        futures = {pool.submit(_train_phatgoose_module, base_path, spec, tokenizer_spec, rank, budget, gate_budget,
                                batch_size, lr, index, path, threads): index
                    for index, (spec, path) in enumerate(zip(specs, paths, strict=True))}
         for future in concurrent.futures.as_completed(futures):
