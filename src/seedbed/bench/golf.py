@@ -74,7 +74,9 @@ def _train(label: str, preset: str, overrides: list[str], minutes: float, run_di
     from seedbed.train.trainer import Trainer
 
     try:
-        cfg = resolve_config(preset, overrides=[*overrides, f"train.minutes={minutes}", "train.steps=0"])
+        # No periodic evals (half the wall-clock of the golf model's run): the packed artifact is scored after.
+        cfg = resolve_config(preset, overrides=[*overrides, f"train.minutes={minutes}", "train.steps=0",
+                                                "train.eval_every_seconds=1e9"])
         result = Trainer(cfg, run_dir, progress=True).run()
         queue.put(Trained(label, run_dir, result.steps, result.tokens_per_second, result.train_seconds))
     except BaseException as error:  # noqa: BLE001 - handed to the parent, which re-raises it

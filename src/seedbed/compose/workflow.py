@@ -101,10 +101,15 @@ def router_from_clusters(path: Path, vocab: int, top_k: int, temperature: float)
     return Router(torch.from_numpy(idf), torch.from_numpy(centres), vocab, top_k, temperature)
 
 
+def with_data(config: RunConfig, **data) -> RunConfig:
+    """``config`` with its ``[data]`` keys replaced by ``data``: a composed model's config names the
+    corpus it was composed for; an expert's, its cluster."""
+    values = config.to_dict()
+    return config_from_dict({**values, "data": {**values["data"], **data}})
+
+
 def expert_config(base: RunConfig, clusters_path: Path, index: int, tokenizer_spec: str) -> RunConfig:
-    values = base.to_dict()
-    values["data"] = {**values["data"], "spec": f"cluster:{index}:{clusters_path.resolve()}", "tokenizer": tokenizer_spec}
-    return config_from_dict(values)
+    return with_data(base, spec=f"cluster:{index}:{clusters_path.resolve()}", tokenizer=tokenizer_spec)
 
 
 def _train_expert(cfg: RunConfig, run_dir: Path, threads: int) -> float:
@@ -144,9 +149,7 @@ def cbtm_from_runs(experts: list[LoadedModel], clusters_path: Path, top_k: int, 
     router = router_from_clusters(clusters_path, experts[0].model.cfg.vocab_size, top_k, temperature)
     model = CBTM([expert.model for expert in experts], router).eval()
     first = experts[0]
-    config = config_from_dict({**first.config.to_dict(), "data": {**first.config.to_dict()["data"],
-                                                                  "spec": fields["spec"]}})
-    return LoadedModel(model, config, first.tokenizer, clusters_path.parent)
+    return LoadedModel(model, with_data(first.config, spec=fields["spec"]), first.tokenizer, clusters_path.parent)
 
 
 def base_tokenizer(base: LoadedModel, out: Path) -> str:
@@ -205,8 +208,7 @@ def phatgoose_from_modules(base: LoadedModel, paths: list[Path], rank: int, top_
     for index, path in enumerate(paths):
         model.load_module(index, load_checkpoint(path)[0], str(path))
     model.eval()
-    config = config_from_dict({**base.config.to_dict(), "data": {**base.config.to_dict()["data"], "spec": spec}})
-    return LoadedModel(model, config, base.tokenizer, paths[0].parent)
+    return LoadedModel(model, with_data(base.config, spec=spec), base.tokenizer, paths[0].parent)
 
 
 def calm_from_runs(anchor: LoadedModel, augmenting: LoadedModel, spec: str, every: int, heads: int, budget: dict,
@@ -228,5 +230,4 @@ def calm_from_runs(anchor: LoadedModel, augmenting: LoadedModel, spec: str, ever
     tokens = torch.from_numpy(np.asarray(load_dataset(spec, tokenizer).train.tokens, np.int64))
     fit = train_steps(model, tokens, batch_size, lr, torch.Generator().manual_seed(seed), **budget)
     model.eval()
-    config = config_from_dict({**anchor.config.to_dict(), "data": {**anchor.config.to_dict()["data"], "spec": spec}})
-    return LoadedModel(model, config, anchor.tokenizer, anchor.path), fit
+    return LoadedModel(model, with_data(anchor.config, spec=spec), anchor.tokenizer, anchor.path), fit
