@@ -216,6 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--artifact", help="codec: the packed model to compress with")
     bench.add_argument("--variant", action="append", metavar="'NAME: key=value ...'",
                        help="train: a variant of the default preset to time and train beside the others (repeat)")
+    bench.add_argument("--keep", metavar="DIR", help="golf: keep the runs and packed artifacts in DIR")
     bench.add_argument("--output", default="BENCHMARKS.md")
     return parser
 
@@ -563,6 +564,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
     from seedbed.bench.peer import bench_peer
     from seedbed.bench.train import bench_codec, bench_train
 
+    if args.keep and args.suite != "golf":
+        raise UserError("--keep is an option of bench golf only")
     if args.suite == "train":
         bench_train(args.minutes, Path(args.output), variants=args.variant)
     elif args.suite == "seeds":
@@ -580,7 +583,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
     elif args.suite == "architectures":
         bench_architectures(args.minutes, Path(args.output))
     elif args.suite == "golf":
-        bench_golf(args.minutes, Path(args.output))
+        bench_golf(args.minutes, Path(args.output), Path(args.keep) if args.keep else None)
     elif args.suite == "compose":
         bench_compose(args.minutes, Path(args.output))
     elif not args.artifact or not Path(args.artifact).is_file():

@@ -19,6 +19,7 @@ compressor whose module is not installed is left out, and the table says so.
 
 from __future__ import annotations
 
+import contextlib
 import lzma
 import sys
 import tempfile
@@ -163,10 +164,13 @@ def compressor_rows(report: Report) -> None:
                                       "given the training text"))
 
 
-def bench_golf(minutes: float, output: Path) -> None:
+def bench_golf(minutes: float, output: Path, keep: Path | None = None) -> None:
+    """``keep``: a folder to keep the runs and packed artifacts in (a temporary one otherwise)."""
     report = Report()
     compressor_rows(report)
-    with tempfile.TemporaryDirectory() as tmp:
+    if keep is not None:
+        keep.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() if keep is None else contextlib.nullcontext(str(keep)) as tmp:
         packed = {}
         for index, (label, preset, overrides) in enumerate(MODELS):
             print(f"[{label}] training the {preset} preset for {minutes:g} min ...", file=sys.stderr)
