@@ -9,7 +9,7 @@ from seedbed.codec import artifact_digest, compress_bytes, decompress_bytes
 from seedbed.pack.artifact import QuantRule
 from seedbed.pack.pack import load_artifact, pack_model
 
-SMALLER = ["model.n_layers=4", "train.batch_size=8"]  # one Mamba-2 triple and one use of the routed block
+SMALLER = ["model.n_layers=4", "train.batch_size=8", "train.device=cpu"]  # one Mamba-2 triple and one use of the routed block
 
 
 def test_the_architectures_preset_trains_packs_compresses_and_drafts_exactly(tmp_path, small_corpus):

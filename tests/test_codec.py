@@ -86,7 +86,7 @@ def test_mismatched_artifact_and_damaged_files_are_rejected(artifact, tiny_model
 def test_sentencepiece_model_round_trip_and_refuses_binary(small_corpus, tmp_path):
     cfg = resolve_config("gpt", overrides=[
         "model.d_model=32", "model.n_layers=1", "model.max_seq_len=32", "model.mixer.n_heads=2",
-        "train.batch_size=4", "train.steps=3", "train.dtype=fp32", 'data.tokenizer="sp"', "data.vocab_size=512",
+        "train.batch_size=4", "train.steps=3", "train.dtype=fp32", "train.device=cpu", 'data.tokenizer="sp"', "data.vocab_size=512",
         f'data.spec="{small_corpus}"'])
     Trainer(cfg, tmp_path / "run", progress=False).run()
     path = tmp_path / "sp.seedbed"

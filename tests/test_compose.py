@@ -192,7 +192,8 @@ def test_compose_cbtm_end_to_end(two_domains, tmp_path, capsys):
     spec = f"{two_domains / 'prose'}+{two_domains / 'code'}"
     assert main(["compose", "cbtm", "--data", spec, "--clusters", "2", "--chunk-bytes", "4096", "--steps", "10",
                  "--out", str(out), "model.d_model=48", "model.n_layers=2", "model.max_seq_len=64",
-                 "model.mixer.n_heads=4", "train.batch_size=8", "train.dtype=fp32", "train.eval_tokens=512"]) == 0
+                 "model.mixer.n_heads=4", "train.batch_size=8", "train.dtype=fp32", "train.eval_tokens=512",
+                 "train.device=cpu"]) == 0
     check_clusters_are_the_domains(out)
     check_router_agrees_with_the_clustering(out)
     check_composed_artifact_works_like_any(out, two_domains, tmp_path, capsys)
@@ -209,7 +210,8 @@ def test_compose_cbtm_branches_every_expert_from_a_seed_model(tiny_run, two_doma
     out = tmp_path / "btm"
     spec = f"{two_domains / 'prose'}+{two_domains / 'code'}"
     assert main(["compose", "cbtm", "--seed-model", str(tiny_run), "--data", spec, "--chunk-bytes", "4096",
-                 "--steps", "1", "--out", str(out), "train.lr=0", "train.matrix_lr=0", "train.eval_tokens=512"]) == 0
+                 "--steps", "1", "--out", str(out), "train.lr=0", "train.matrix_lr=0", "train.eval_tokens=512",
+                 "train.device=cpu"]) == 0
     seed = load(tiny_run).model.state_dict()
     for index in range(2):
         expert = load(out / f"expert-{index}")
@@ -222,7 +224,8 @@ def test_init_from_refuses_another_model(tiny_run, small_corpus, tmp_path):
     from seedbed.train.trainer import Trainer
 
     cfg = resolve_config("gpt", overrides=["model.d_model=32", "model.n_layers=2", "model.max_seq_len=64",
-                                           "train.steps=1", f'data.spec="{small_corpus}"', f'train.init_from="{tiny_run}"'])
+                                           "train.steps=1", "train.device=cpu", f'data.spec="{small_corpus}"',
+                                           f'train.init_from="{tiny_run}"'])
     with pytest.raises(UserError, match="is not this run's model"):
         Trainer(cfg, tmp_path / "run", progress=False)
 

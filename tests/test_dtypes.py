@@ -36,7 +36,7 @@ def one_training_step(small_corpus, tmp_path, monkeypatch) -> Counter:
     monkeypatch.setattr("seedbed.train.trainer.matmul_peak", lambda device, dtype: 1e12)
     cfg = resolve_config("gpt", overrides=[
         "model.d_model=32", "model.n_layers=2", "model.max_seq_len=32", "model.mixer.n_heads=2",
-        "train.batch_size=2", "train.steps=1", "train.threads=1", f'data.spec="{small_corpus}"'])
+        "train.batch_size=2", "train.steps=1", "train.threads=1", "train.device=cpu", f'data.spec="{small_corpus}"'])
     trainer = Trainer(cfg, tmp_path / "run", progress=False)
     with MatmulDtypes() as mode:
         trainer.train_step()

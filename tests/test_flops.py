@@ -146,6 +146,6 @@ def test_short_training_run_reports_mfu_below_one(small_corpus, tmp_path):
     cfg = resolve_config("gpt", overrides=[
         "model.d_model=32", "model.n_layers=2", "model.max_seq_len=32", "model.mixer.n_heads=2",
         "train.batch_size=4", "train.eval_tokens=2000", "train.log_every=2", "train.warmup_steps=2",
-        "train.dtype=fp32", "train.threads=1", "train.steps=6", f'data.spec="{small_corpus}"'])
+        "train.dtype=fp32", "train.threads=1", "train.steps=6", "train.device=cpu", f'data.spec="{small_corpus}"'])
     result = Trainer(cfg, tmp_path / "run", progress=False).run()
     assert 0 < result.mfu < 1

@@ -198,7 +198,7 @@ def test_bad_hourglass_configs_are_one_line_errors(model, message):
 # The preset at width 32 with a shorter latent stack: every kind of part kept (byte layers, group
 # encoder, local, global and multi-channel latent blocks, Denseformer, attention upsampling).
 SHALLOW_HOURGLASS = ["model.d_model=32", 'model.blocks.valley.mixer.inner=["local", "latent", "default"]',
-                     "train.batch_size=4", "train.eval_stride=128", "train.threads=1"]
+                     "train.batch_size=4", "train.eval_stride=128", "train.threads=1", "train.device=cpu"]
 
 
 def test_the_hourglass_preset_trains_packs_and_compresses_byte_exactly(tmp_path):

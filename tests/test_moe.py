@@ -202,7 +202,7 @@ def tiny_moe_config(corpus: Path, steps: int, **moe_options):
     cfg = resolve_config("gpt", overrides=[
         "model.d_model=32", "model.n_layers=2", "model.max_seq_len=32", "model.mixer.n_heads=2",
         "train.batch_size=4", "train.eval_tokens=2000", "train.log_every=2", "train.warmup_steps=2",
-        "train.dtype=fp32", "train.threads=1", f"train.steps={steps}", f'data.spec="{corpus}"'])
+        "train.dtype=fp32", "train.threads=1", "train.device=cpu", f"train.steps={steps}", f'data.spec="{corpus}"'])
     cfg.model.ffn = {"kind": "moe", "n_routed": 4, "top_k": 2, **moe_options}
     return cfg
 

@@ -130,7 +130,7 @@ def test_on_a_model_the_outcome_reports_its_losses_and_only_an_accepted_proposal
 
 SEARCH_RUN = ["model.d_model=32", "model.n_layers=1", "model.max_seq_len=32", "train.batch_size=4",
               "train.steps=8", "train.dtype=fp32", "train.threads=1", "train.checkpoint_every_steps=4",
-              "train.seed_search_every=2", "train.seed_search_candidates=2"]
+              "train.seed_search_every=2", "train.seed_search_candidates=2", "train.device=cpu"]
 
 
 def search_state(run) -> dict[str, torch.Tensor]:

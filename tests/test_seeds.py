@@ -52,7 +52,7 @@ def test_tensor_hash_matches_python_reference():
     assert mul32(x, 0xDEADBEEF).tolist() == [(v * 0xDEADBEEF) % 2**32 for v in values]
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.gpu
 def test_same_bits_on_cuda():
     for (seed, offset), expected in GOLDEN.items():
         assert random_bits(seed, len(expected), "cuda", offset).cpu().tolist() == expected
@@ -157,7 +157,7 @@ def test_germinator_preset_trains_and_packs_to_seeds(small_corpus, tmp_path):
 
     cfg = resolve_config("germinator", overrides=[
         "model.d_model=64", "model.n_layers=2", "model.max_seq_len=64", "train.batch_size=4", "train.steps=4",
-        "train.dtype=fp32", f'data.spec="{small_corpus}"'])
+        "train.dtype=fp32", "train.device=cpu", f'data.spec="{small_corpus}"'])
     result = Trainer(cfg, tmp_path / "run", progress=False).run()
     assert 0 < result.val_bpb < 9
     path = tmp_path / "g.seedbed"

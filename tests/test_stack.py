@@ -163,7 +163,7 @@ def test_stack_presets_train_on_the_default_corpus_and_pack_exactly(preset, tmp_
 
     run = tmp_path / "run"
     out = seedbed("train", "--preset", preset, "--steps", "3", "--out", str(run), "--no-progress", *SHALLOW[preset],
-                  "model.d_model=32", "train.batch_size=4", "train.eval_stride=128", "train.threads=1")
+                  "model.d_model=32", "train.batch_size=4", "train.eval_stride=128", "train.threads=1", "train.device=cpu")
     assert out.returncode == 0, out.stderr
     assert "42 docs" in out.stderr and "val bpb" in out.stdout
     loaded = load(run)

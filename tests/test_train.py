@@ -26,7 +26,7 @@ needs_torchrun = pytest.mark.skipif(TORCHRUN is None, reason="torchrun not insta
 
 TINY = ["model.d_model=32", "model.n_layers=2", "model.max_seq_len=32", "model.mixer.n_heads=2",
         "train.batch_size=4", "train.eval_tokens=2000", "train.log_every=2", "train.warmup_steps=2",
-        "train.dtype=fp32", "train.threads=1"]
+        "train.dtype=fp32", "train.threads=1", "train.device=cpu"]
 
 
 def tiny_config(corpus: Path, *extra: str):
@@ -130,9 +130,26 @@ SHARED_STACK = ["model.n_layers=4", 'model.pattern=["default", "attn"]',
                 'lora_rank=2, input="hidden+embedding"}}']
 
 
-def train_under_torchrun(run: Path, corpus: Path, steps: int, *overrides: str) -> subprocess.CompletedProcess:
+# Python processes started with fake_gpus_env(...) see CUDA devices that do not exist: enough for the
+# trainer's choice of device, which touches none before it has checked the count.
+FAKE_GPUS = """
+import torch
+torch.cuda.is_available = lambda: {count} > 0
+torch.cuda.device_count = lambda: {count}
+"""
+
+
+def fake_gpus_env(folder: Path, count: int) -> dict[str, str]:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "sitecustomize.py").write_text(FAKE_GPUS.format(count=count))
+    return {**os.environ, "OMP_NUM_THREADS": "1",
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(folder), os.environ.get("PYTHONPATH")]))}
+
+
+def train_under_torchrun(run: Path, corpus: Path, steps: int, *overrides: str,
+                         env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """``seedbed train`` of the TINY model on two gloo ranks; fails the test unless it succeeds."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = env or {**os.environ, "OMP_NUM_THREADS": "1"}
     out = subprocess.run([TORCHRUN, "--standalone", "--nproc_per_node", "2", "-m", "seedbed", "train",
                           "--out", str(run), "--steps", str(steps), "--data", str(corpus), "--no-progress", *TINY,
                           *overrides],
@@ -143,8 +160,11 @@ def train_under_torchrun(run: Path, corpus: Path, steps: int, *overrides: str) -
 
 @needs_torchrun
 def test_ddp_two_processes_stay_in_sync(small_corpus, tmp_path):
+    """On a machine with one GPU (faked), two ranks train together on the CPU with gloo, as
+    train.device=cpu asks (test_devices.py: without it they refuse)."""
     run = tmp_path / "ddp"
-    out = train_under_torchrun(run, small_corpus, 6, *SHARED_STACK)
+    out = train_under_torchrun(run, small_corpus, 6, *SHARED_STACK, env=fake_gpus_env(tmp_path / "site", 1))
+    assert "device cpu" in out.stderr
     final = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
     assert final["world"] == 2 and final["ranks_in_sync"] is True
     # Two ranks see twice the tokens of one process with the same per-rank batch.
@@ -156,7 +176,7 @@ def test_cli_train_eval_generate_on_default_corpus(tmp_path):
     run = tmp_path / "e2e"
     out = seedbed("train", "--preset", "gpt", "--steps", "6", "--out", str(run), "--no-progress",
                   "model.d_model=64", "model.n_layers=2", "model.max_seq_len=64", "model.mixer.n_heads=4", "train.batch_size=8",
-                  "train.eval_stride=64")
+                  "train.eval_stride=64", "train.device=cpu")
     assert out.returncode == 0, out.stderr
     assert "val bpb" in out.stdout and "42 docs" in out.stderr
     for name in ("config.toml", "metrics.jsonl", "curve.png", "checkpoint.safetensors"):
@@ -190,7 +210,7 @@ def test_golf_presets_train_with_sentencepiece(preset, tmp_path, small_corpus):
     out = seedbed("train", "--preset", preset, "--steps", "2", "--data", str(small_corpus), "--out", str(run),
                   "--no-progress",
                   "model.n_layers=1", "model.max_seq_len=128", "train.batch_size=2", "train.eval_stride=128",
-                  "cache.fit_tokens=1000")
+                  "cache.fit_tokens=1000", "train.device=cpu")
     assert out.returncode == 0, out.stderr
     assert "sp (vocab 1024)" in out.stderr and (run / "tokenizer.model").is_file()
     assert (run / "cache.bin").is_file() == (preset == "golf")
@@ -238,7 +258,7 @@ def test_mixkabrn_preset_trains_and_packs_ternary_under_a_megabyte(tmp_path):
     for doc in load_documents("default")[:6]:  # 3 kB each: the preset scores slowly (the run and pack both do)
         (corpus / doc.name).write_bytes(doc.data[:3000])
     out = seedbed("train", "--preset", "mixkabrn", "--steps", "2", "--data", str(corpus), "--out", str(run),
-                  "--no-progress", "train.batch_size=2", "train.dtype=fp32")
+                  "--no-progress", "train.batch_size=2", "train.dtype=fp32", "train.device=cpu")
     assert out.returncode == 0, out.stderr
     packed = seedbed("pack", str(run), "-o", str(artifact), "--budget", "1000000")
     assert packed.returncode == 0, packed.stderr

@@ -85,9 +85,19 @@ class TrainResult:
 
 
 def pick_device(name: str, dist_info: Distributed) -> torch.device:
+    """CUDA device ``local_rank`` when asked (``cuda``) or present (``auto``), else the CPU.
+
+    Every local rank needs a GPU of its own: with more local ranks than GPUs each rank refuses with
+    the same line before any process group starts (a rank on a missing device would leave the
+    others waiting in NCCL). Ranks share the CPU, with gloo, only when ``train.device=cpu`` asks."""
     if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
             raise UserError("train.device=cuda but no CUDA device is available")
+        gpus = torch.cuda.device_count()
+        if dist_info.local_world > gpus:
+            raise UserError(f"{dist_info.local_world} local ranks but {gpus} CUDA device{'s' * (gpus != 1)} on this "
+                            f"machine: start at most {gpus} per node (torchrun --nproc_per_node {gpus}), or set "
+                            "train.device=cpu to train every rank on the CPU with gloo")
         return torch.device("cuda", dist_info.local_rank)
     return torch.device("cpu")
 
