@@ -30,7 +30,7 @@ def text_file(tmp_path) -> Path:
 
 
 def train_into(out: Path, *args: str) -> subprocess.CompletedProcess:
-    return seedbed("train", "--out", str(out), "--steps", "1", "--no-progress", *args)
+    return seedbed("train", "--out", str(out), "--steps", "1", "--no-progress", *args, "train.device=cpu")
 
 
 def test_missing_data_path(tmp_path):
