@@ -8,7 +8,7 @@ import pytest
 from run_cli import seedbed
 
 TINY = ["model.d_model=32", "model.n_layers=1", "model.max_seq_len=32", "model.mixer.n_heads=2",
-        "train.batch_size=2", "train.dtype=fp32", "train.device=cpu"]
+        "train.batch_size=2", "train.dtype=fp32"]
 
 
 

@@ -18,8 +18,8 @@ from seedbed.config import resolve_config
 from seedbed.data import load_dataset
 from seedbed.ngram import NgramCache
 from seedbed.train.trainer import Trainer
-from test_train import TINY, TORCHRUN, final_weights, interrupt_at_step, needs_torchrun, seedbed, tiny_config
-from test_train import train_under_torchrun
+from test_train import (TINY, TORCHRUN, final_weights, interrupt_at_step, needs_torchrun, seedbed, tiny_config,
+                        train_under_torchrun)
 
 pytestmark = pytest.mark.gpu
 
