@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from seedbed.adapt import AdaptOptions, StreamScorer, score_streams
-from seedbed.cachemix import CacheMixer, TextCache, build_text_cache, gate_features, n_features
+from seedbed.cachemix import CacheMixer, TextCache, TextContext, build_text_cache, gate_features, n_features
 from seedbed.codec import artifact_digest, code_positions, compress_bytes, decompress_bytes, segment
 from seedbed.data import load_dataset
+from seedbed.data.tokenizer import ByteTokenizer
 from seedbed.errors import UserError
 from seedbed.eval import evaluate_bpb
 from seedbed.loaded import LoadedModel
@@ -83,6 +84,37 @@ def test_the_widened_gate_weighs_the_trained_sources_as_before(cached, held_out)
     assert (logits[:, ORDERS + 2:] == 0).all()
     with pytest.raises(ValueError, match="widens"):
         wide.widened(ORDERS, online_orders)
+
+
+def test_the_extended_gate_mixes_as_before(cached, held_out):
+    """Extending adds the text-context columns at zero: whatever they read, the mixture is unchanged."""
+    tokens = held_out[:64]
+    positions = np.arange(1, len(tokens))
+    logp_model = model_log_probs(cached.model, tokens)[:-1]
+    chain, confidence = cached.cache.ngram.chain(tokens, positions)
+    extra = torch.rand(len(positions), TextContext.FEATURES, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(cached.cache.mixer.extended(TextContext.FEATURES).mix(logp_model, chain, confidence, extra),
+                               cached.cache.mixer.mix(logp_model, chain, confidence), rtol=1e-8, atol=1e-8)
+
+
+def text_context_rows(surfaces: list[bytes], tokens: np.ndarray, width: int = 8) -> tuple[torch.Tensor, np.ndarray]:
+    """The vectorised text-context features at every position of ``tokens``, and the plain reading of
+    the decoded text before each."""
+    window = np.zeros((len(tokens), width), np.int64)
+    for t in range(len(tokens)):
+        take = min(t, width)
+        window[t, width - take:] = tokens[t - take:t]
+    fast = TextContext(surfaces).features(window, np.minimum(np.arange(len(tokens)), width))
+    text = [b"".join(surfaces[v] for v in tokens[:t]) for t in range(len(tokens))]
+    return fast, np.stack([TextContext.reference(before) for before in text])
+
+
+def test_text_context_features_equal_the_plain_reading_of_the_text():
+    text = b"KING HENRY.\n  Now, 'tis 42 (yes)--done! Extraordinarily\tlong words: Antigonus.\n\nLEONTES.\nAy."
+    tokenizer = ByteTokenizer()
+    fast, plain = text_context_rows(tokenizer.surfaces, tokenizer.encode(text).astype(np.int64))
+    assert np.array_equal(fast.numpy(), plain)
+    assert (fast.sum(1) == 3).all() and set(fast[:, 2 * TextContext.CLASSES:].argmax(1).tolist()) == set(range(7))
 
 
 def test_mixture_never_reads_the_future(cached, held_out):
@@ -173,7 +205,7 @@ def test_adaptation_never_learns_a_token_before_scoring_it(cached, held_out, cha
     runs = []
     for tokens in (first, second):
         rows, length = segment(tokens, streams)
-        scorer = StreamScorer(cached.model, streams, 32, cached.cache, adapt, length)
+        scorer = StreamScorer(cached.model, streams, 32, cached.cache, adapt, length, cached.tokenizer.surfaces)
         seen = []
         for p, real in code_positions(streams, length, len(tokens)):
             seen.append(scorer.next_probs())
@@ -187,7 +219,7 @@ def test_the_online_counts_merged_update_by_update_equal_counting_everything_sco
     tokens = held_out[:1003]  # streams of unequal length: the last one stops early
     streams, adapt = 3, AdaptOptions(every=7, mixer_iterations=1, model_lr=0)
     rows, length = segment(tokens, streams)
-    scorer = StreamScorer(cached.model, streams, 32, cached.cache, adapt, length)
+    scorer = StreamScorer(cached.model, streams, 32, cached.cache, adapt, length, cached.tokenizer.surfaces)
     for p, real in code_positions(streams, length, len(tokens)):
         scorer.next_probs()
         scorer.feed(rows[:, p], real)
@@ -203,7 +235,8 @@ def test_the_online_counts_merged_update_by_update_equal_counting_everything_sco
 def test_adaptation_leaves_the_callers_model_and_gate_alone(cached, held_out):
     before = [p.detach().clone() for p in cached.model.parameters()]
     weights = cached.cache.mixer.weights.clone()
-    score_streams(cached.model, held_out[:400], 400, 2, 32, cached.cache, AdaptOptions(every=8, model_lr=1e-2))
+    score_streams(cached.model, held_out[:400], 400, 2, 32, cached.cache, AdaptOptions(every=8, model_lr=1e-2),
+                  cached.tokenizer.surfaces)
     assert all(torch.equal(a, b) for a, b in zip(before, cached.model.parameters(), strict=True))
     assert torch.equal(weights, cached.cache.mixer.weights)
 

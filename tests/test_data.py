@@ -114,6 +114,17 @@ def test_decode_rejects_ids_outside_the_vocabulary():
         ByteTokenizer().decode([1, 256])
 
 
+def test_text_context_reads_sentencepiece_pieces_as_their_bytes(sp_tokenizer, default_docs):
+    """The adapting gate's text context (cachemix.TextContext) from SentencePiece tokens equals the plain
+    reading of the decoded text: the same surface as bytes, whatever the pieces."""
+    from test_cachemix import text_context_rows
+
+    _, val, _ = split_documents(default_docs)
+    tokens = sp_tokenizer.encode(val[0].data[:3000]).astype(np.int64)
+    fast, plain = text_context_rows(sp_tokenizer.surfaces, tokens)
+    assert np.array_equal(fast.numpy(), plain)
+
+
 @pytest.mark.parametrize("text", TRICKY_TEXTS)
 def test_sentencepiece_round_trips_tricky_text(sp_tokenizer, text):
     data = text.encode()

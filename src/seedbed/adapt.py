@@ -13,7 +13,8 @@ Adaptation, every ``every`` positions (S x ``every`` tokens), after those tokens
   segment; the new tokens are counted and merged in); its counts add to the trained ones at
   lookup, and its orders alone are more sources of the gate (``seedbed.cachemix``, "Online
   sources");
-- mixer: the gate W is refitted (``mixer_iterations`` L-BFGS iterations from its current
+- mixer: the gate, widened to the online sources and extended to read the text context
+  (``seedbed.cachemix``, "Text context"), is refitted (``mixer_iterations`` L-BFGS iterations from its current
   value) to the last ``REFIT_TOKENS`` tokens scored, each with the sources' probabilities it
   was scored with (a window: the text's recent part, at a bounded cost per update);
 - model (``model_lr`` > 0): one Adam step on the model's cross-entropy of the tokens just
@@ -40,7 +41,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from seedbed.cachemix import ONLINE_WEIGHT, CacheMixer, TextCache, gate_features, online_orders
+from seedbed.cachemix import ONLINE_WEIGHT, CacheMixer, TextCache, TextContext, gate_features, online_orders
 from seedbed.errors import UserError
 from seedbed.eval import EvalResult, check_normalised
 from seedbed.ngram import NgramCache
@@ -70,14 +71,20 @@ class StreamScorer:
     """Next-token distributions for ``streams`` segments in coding order (see the module docstring)."""
 
     def __init__(self, model, streams: int, stride: int, cache: TextCache | None = None,
-                 adapt: AdaptOptions | None = None, length: int = 0):
+                 adapt: AdaptOptions | None = None, length: int = 0, surfaces: list[bytes] | None = None):
+        """``surfaces``: the bytes of every token id (``Tokenizer.surfaces``), needed with a cache and adaptation."""
         if adapt is not None and adapt.model_lr > 0:
             # The caller's model stays as it was; every weight of the copy learns, also those a
             # composed model keeps frozen (a PHATGOOSE base, CALM's two models).
             model = copy.deepcopy(model).requires_grad_(True)
-        if cache is not None:  # the gate refits; with adaptation it also weighs the online sources
-            order = cache.ngram.max_order
-            mixer = cache.mixer.widened(order, online_orders(order)) if adapt is not None else cache.mixer
+        self.context_features = None
+        if cache is not None:  # the gate refits; with adaptation it also weighs the online sources and the text context
+            order, mixer = cache.ngram.max_order, cache.mixer
+            if adapt is not None:
+                if surfaces is None or len(surfaces) != model.cfg.vocab_size:
+                    raise ValueError("adapting with a cache needs the surface bytes of every token id")
+                self.context_features = TextContext(list(surfaces))
+                mixer = mixer.widened(order, online_orders(order)).extended(TextContext.FEATURES)
             cache = TextCache(cache.ngram, CacheMixer(mixer.weights.clone()))
         self.model, self.streams, self.cache, self.adapt = model, streams, cache, adapt
         self.vocab = model.cfg.vocab_size
@@ -134,9 +141,12 @@ class StreamScorer:
         if self.online is not None:
             own, own_confidence = self.online.chain(window.reshape(-1), positions, available=available)
             chain, confidence = torch.cat([chain, own], 1), torch.cat([confidence, own_confidence], 1)
-        probs = self.cache.mixer.mix(log_probs, chain, confidence)
+        extra = self.context_features.features(window[:, :order], available) if self.context_features else None
+        probs = self.cache.mixer.mix(log_probs, chain, confidence, extra)
         if self.adapt is not None and self.adapt.mixer_iterations:
-            self.pending = (torch.cat([log_probs.exp()[:, None], chain], 1), gate_features(log_probs, chain, confidence))
+            features = gate_features(log_probs, chain, confidence)
+            self.pending = (torch.cat([log_probs.exp()[:, None], chain], 1),
+                            features if extra is None else torch.cat([features, extra], 1))
         return probs
 
     def feed(self, tokens: np.ndarray, real: np.ndarray) -> None:
@@ -190,7 +200,7 @@ class StreamScorer:
 
 
 def score_streams(model, tokens: np.ndarray, n_bytes: int, streams: int, stride: int,
-                  cache: TextCache | None, adapt: AdaptOptions | None) -> EvalResult:
+                  cache: TextCache | None, adapt: AdaptOptions | None, surfaces: list[bytes] | None = None) -> EvalResult:
     """``seedbed eval --adapt``: the bits ``seedbed compress`` would spend, without the coder."""
     from seedbed.codec import code_positions, pick_streams, segment
 
@@ -198,7 +208,7 @@ def score_streams(model, tokens: np.ndarray, n_bytes: int, streams: int, stride:
     tokens = np.asarray(tokens, np.int64)
     streams = pick_streams(len(tokens), streams)
     rows, length = segment(tokens, streams)
-    scorer = StreamScorer(model, streams, stride, cache, adapt, length)
+    scorer = StreamScorer(model, streams, stride, cache, adapt, length, surfaces)
     bits = 0.0
     for p, real in code_positions(streams, length, len(tokens)):
         probs = scorer.next_probs()

@@ -17,10 +17,10 @@ model and cache; with ``adapt`` the cache, the gate and optionally the model lea
 block of tokens after it is coded (``adapt.py``), and the decoder replays the same updates.
 The header records both, so decoding needs no options.
 
-Compressed file layout (little-endian), format version 4::
+Compressed file layout (little-endian), format version 5::
 
     0   4 B  magic b"SBZ1"
-    4   u8   format version (4: adaptation with the online cache's own sources)
+    4   u8   format version (5: the adapting gate reads the text context; 4: it did not)
     5   u8   tokenizer mode: 0 bytes, 1 SentencePiece (must match the artifact's)
     6   u16  streams: 1 to max(1, number of tokens)
     8   32 B SHA-256 of the artifact the file was compressed with
@@ -63,7 +63,7 @@ from seedbed.errors import UserError
 from seedbed.pack.artifact import seal
 
 MAGIC = b"SBZ1"
-VERSION = 4
+VERSION = 5
 HEADER = struct.Struct("<4sBBH32sQQ32sQBBHHHdI")  # the fields above, then the CRC32 of the bytes before it
 FREQUENCY_BITS = 20  # each symbol's probability is a multiple of 2^-20, at least 2^-20
 CODER_PRECISION = 24  # constriction's categorical models give every symbol at least 2^-24
@@ -130,7 +130,8 @@ def tokenizer_mode(loaded) -> int:
 def scorer_for(loaded, streams: int, stride: int, use_cache: bool, adapt: AdaptOptions | None,
                length: int) -> StreamScorer:
     cache = loaded.cache if use_cache else None
-    return StreamScorer(loaded.model, streams, stride or loaded.config.model.max_seq_len // 2, cache, adapt, length)
+    return StreamScorer(loaded.model, streams, stride or loaded.config.model.max_seq_len // 2, cache, adapt, length,
+                        loaded.tokenizer.surfaces)
 
 
 def compress_bytes(loaded, artifact_digest: bytes, data: bytes, streams: int = 64, stride: int = 0,

@@ -76,7 +76,7 @@ class LoadedModel:
             if context:
                 raise UserError("--adapt scores with the model's own context")
             return score_streams(self.model, tokens, n_bytes, streams, stride or self.config.model.max_seq_len // 2,
-                                 cache, adapt)
+                                 cache, adapt, self.tokenizer.surfaces)
         return evaluate_bpb(self.model, tokens, n_bytes, context or self.config.model.max_seq_len, stride,
                             batch_size=batch_size, answers=answers, cache=cache)
 

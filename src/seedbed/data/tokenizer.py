@@ -79,6 +79,11 @@ class Tokenizer(ABC):
         """Bytes each token decodes to (int64, one per id): where each token sits in the text."""
 
     @property
+    @abstractmethod
+    def surfaces(self) -> list[bytes]:
+        """The bytes each token id decodes to, by id."""
+
+    @property
     def label(self) -> str:
         """Short human-readable name, e.g. ``bytes`` or ``sp (vocab 1024)``."""
         return self.name if self.name == "bytes" else f"{self.name} (vocab {self.vocab_size})"
@@ -108,6 +113,10 @@ class ByteTokenizer(Tokenizer):
 
     def byte_lengths(self, ids: np.ndarray) -> np.ndarray:
         return np.ones(self._checked_ids(ids).size, dtype=np.int64)
+
+    @property
+    def surfaces(self) -> list[bytes]:
+        return [bytes([value]) for value in range(256)]
 
 
 class SentencePieceTokenizer(Tokenizer):
@@ -170,6 +179,10 @@ class SentencePieceTokenizer(Tokenizer):
 
     def byte_lengths(self, ids: np.ndarray) -> np.ndarray:
         return self._piece_lengths[self._checked_ids(ids)]
+
+    @property
+    def surfaces(self) -> list[bytes]:
+        return list(self._piece_bytes)
 
     def _bytes_of_piece(self, piece_id: int) -> bytes:
         piece = self._processor.id_to_piece(piece_id)
