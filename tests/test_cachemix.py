@@ -93,7 +93,8 @@ def test_the_extended_gate_mixes_as_before(cached, held_out):
     logp_model = model_log_probs(cached.model, tokens)[:-1]
     chain, confidence = cached.cache.ngram.chain(tokens, positions)
     extra = torch.rand(len(positions), TextContext.FEATURES, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
-    torch.testing.assert_close(cached.cache.mixer.extended(TextContext.FEATURES).mix(logp_model, chain, confidence, extra),
+    features = torch.cat([gate_features(logp_model, chain, confidence), extra], 1)
+    torch.testing.assert_close(cached.cache.mixer.extended(TextContext.FEATURES).mix_with(features, logp_model, chain),
                                cached.cache.mixer.mix(logp_model, chain, confidence), rtol=1e-8, atol=1e-8)
 
 

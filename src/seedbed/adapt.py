@@ -77,13 +77,13 @@ class StreamScorer:
             # The caller's model stays as it was; every weight of the copy learns, also those a
             # composed model keeps frozen (a PHATGOOSE base, CALM's two models).
             model = copy.deepcopy(model).requires_grad_(True)
-        self.context_features = None
+        self.text_context = None
         if cache is not None:  # the gate refits; with adaptation it also weighs the online sources and the text context
             order, mixer = cache.ngram.max_order, cache.mixer
             if adapt is not None:
                 if surfaces is None or len(surfaces) != model.cfg.vocab_size:
                     raise ValueError("adapting with a cache needs the surface bytes of every token id")
-                self.context_features = TextContext(list(surfaces))
+                self.text_context = TextContext(list(surfaces))
                 mixer = mixer.widened(order, online_orders(order)).extended(TextContext.FEATURES)
             cache = TextCache(cache.ngram, CacheMixer(mixer.weights.clone()))
         self.model, self.streams, self.cache, self.adapt = model, streams, cache, adapt
@@ -141,12 +141,12 @@ class StreamScorer:
         if self.online is not None:
             own, own_confidence = self.online.chain(window.reshape(-1), positions, available=available)
             chain, confidence = torch.cat([chain, own], 1), torch.cat([confidence, own_confidence], 1)
-        extra = self.context_features.features(window[:, :order], available) if self.context_features else None
-        probs = self.cache.mixer.mix(log_probs, chain, confidence, extra)
+        features = gate_features(log_probs, chain, confidence)
+        if self.text_context is not None:
+            features = torch.cat([features, self.text_context.features(window[:, :order], available)], 1)
+        probs = self.cache.mixer.mix_with(features, log_probs, chain)
         if self.adapt is not None and self.adapt.mixer_iterations:
-            features = gate_features(log_probs, chain, confidence)
-            self.pending = (torch.cat([log_probs.exp()[:, None], chain], 1),
-                            features if extra is None else torch.cat([features, extra], 1))
+            self.pending = (torch.cat([log_probs.exp()[:, None], chain], 1), features)
         return probs
 
     def feed(self, tokens: np.ndarray, real: np.ndarray) -> None:

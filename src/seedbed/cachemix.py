@@ -108,8 +108,8 @@ class TextContext:
             return (classes[-1] if classes else 7), (classes[0] if len(classes) == 2 else -1)
 
         self.last, self.second = (np.array(column, np.int64) for column in zip(*map(last_classes, surfaces)))
-        letters = [len(surface) - len(surface.rstrip(bytes(range(65, 91)) + bytes(range(97, 123))))
-                   for surface in surfaces]
+        letter_bytes = bytes(value for value in range(256) if self.byte_class(value) <= 1)
+        letters = [len(surface) - len(surface.rstrip(letter_bytes)) for surface in surfaces]
         self.trailing_letters = np.minimum(np.array(letters, np.int64), self.WORD)
         self.all_letters = np.array([0 < n == len(surface) for n, surface in zip(letters, surfaces)])
 
@@ -190,12 +190,13 @@ class CacheMixer:
     def gate(self, features: torch.Tensor) -> torch.Tensor:
         return torch.softmax(features @ self.weights.T, -1)
 
-    def mix(self, model_log_probs: torch.Tensor, chain: torch.Tensor, confidence: torch.Tensor,
-            extra: torch.Tensor | None = None) -> torch.Tensor:
-        """p(. | x_<t) (float64, (P, V)) from the model's log-probabilities (P, V) and the cache's chain (P, K+1, V)
-        (and ``extra`` features after f(t), for an extended gate)."""
-        features = gate_features(model_log_probs, chain, confidence)
-        gate = self.gate(features if extra is None else torch.cat([features, extra], 1))
+    def mix(self, model_log_probs: torch.Tensor, chain: torch.Tensor, confidence: torch.Tensor) -> torch.Tensor:
+        """p(. | x_<t) (float64, (P, V)) from the model's log-probabilities (P, V) and the cache's chain (P, K+1, V)."""
+        return self.mix_with(gate_features(model_log_probs, chain, confidence), model_log_probs, chain)
+
+    def mix_with(self, features: torch.Tensor, model_log_probs: torch.Tensor, chain: torch.Tensor) -> torch.Tensor:
+        """The same mixture, the gate's features (P, F) given (computed once by a caller that also keeps them)."""
+        gate = self.gate(features)
         return gate[:, 0, None] * model_log_probs.double().exp() + (gate[:, 1:, None] * chain).sum(1)
 
     def fitted(self, target_probs: torch.Tensor, features: torch.Tensor, iterations: int = 100) -> "CacheMixer":
