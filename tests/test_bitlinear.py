@@ -94,6 +94,28 @@ def test_straight_through_gradients_are_those_of_the_quantised_linear():
     torch.testing.assert_close(x.grad, x_q.grad, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("norm", [True, False])
+@pytest.mark.parametrize("bits", [8, 4, 0])
+@pytest.mark.parametrize("autocast", [False, True])
+def test_fused_straight_through_equals_the_autograd_reference(norm, bits, autocast):
+    """The training forward saves only x and W; outputs and gradients are the reference's."""
+    layer = make_layer(norm=norm, activation_bits=bits).train()
+    x = (3 * torch.randn(2, 5, 48)).requires_grad_()
+    grad_out = torch.randn(2, 5, 40)
+    results = []
+    for forward in (layer.straight_through, layer.straight_through_reference):
+        x.grad, layer.weight.grad = None, None
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            y = forward(x)
+        (y.float() * grad_out).sum().backward()
+        results.append((y, x.grad, layer.weight.grad))
+    (y, dx, dw), (y_ref, dx_ref, dw_ref) = results
+    assert y.dtype == y_ref.dtype and torch.equal(y, y_ref)
+    tolerance = 1e-2 if autocast else 1e-5  # bf16 gradients round at 8 bits, in either order of operations
+    torch.testing.assert_close(dx, dx_ref, rtol=tolerance, atol=tolerance)
+    torch.testing.assert_close(dw, dw_ref, rtol=tolerance, atol=tolerance)
+
+
 def test_zero_init_gives_zero_outputs_and_live_gradients():
     entry, opts = LINEARS.options({"kind": "bitlinear"}, "test")
     layer = entry.cls(16, 8, opts, zero_init=True)

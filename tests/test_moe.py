@@ -12,6 +12,7 @@ from seedbed.config import ModelConfig, resolve_config
 from seedbed.errors import UserError
 from seedbed.model import LM
 from seedbed.model.layers import BuildContext
+from seedbed.model import moe
 from seedbed.model.moe import MoE
 from seedbed.registry import FFNS
 from seedbed.train.trainer import Trainer
@@ -37,6 +38,12 @@ def inputs(batch: int = 2, length: int = 20, seed: int = 1) -> tuple[torch.Tenso
     return x, torch.arange(batch * length).view(batch, length)
 
 
+@pytest.fixture
+def unpadded(monkeypatch):
+    """Training runs each expert on exactly its own rows (no padding), so hooks see only real tokens."""
+    monkeypatch.setattr(moe, "ROW_BUCKET", 1)
+
+
 def record_tokens(experts) -> list[list[int]]:
     """Hook every expert; the returned lists fill with the token ids each one is run on."""
     seen = [[] for _ in experts]
@@ -50,7 +57,7 @@ def router_choices(ffn: MoE, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     return probs, probs.topk(ffn.top_k, dim=-1).indices
 
 
-def test_each_token_goes_to_its_top_k_routed_experts_and_every_shared_one():
+def test_each_token_goes_to_its_top_k_routed_experts_and_every_shared_one(unpadded):
     ffn = layer(n_routed=6, n_shared=2, top_k=3)
     x, tokens = inputs()
     routed_seen, shared_seen = record_tokens(ffn.routed), record_tokens(ffn.shared)
@@ -90,6 +97,20 @@ def test_batched_dispatch_equals_per_token_reference(options):
         assert fast.drop_fraction > 0, "the capacity case should drop something"
 
 
+def test_training_pads_each_expert_slice_to_a_bucket_and_changes_no_real_row():
+    ffn = layer(n_routed=4, n_shared=1, top_k=2)
+    x, tokens = inputs(length=37)
+    rows = [[] for _ in ffn.routed]
+    for expert, log in zip(ffn.routed, rows):
+        expert.register_forward_hook(lambda module, args, out, log=log: log.append(args[0].shape[1]))
+    with torch.no_grad():
+        padded = ffn.train()(x, tokens)
+        exact = ffn.eval()(x, tokens)
+    training_rows, eval_rows = rows[0][0::2] + rows[1][0::2], rows[0][1::2] + rows[1][1::2]
+    assert all(n % moe.ROW_BUCKET == 0 for n in training_rows) and training_rows != eval_rows
+    torch.testing.assert_close(padded, exact, rtol=1e-6, atol=1e-6)
+
+
 def test_balance_loss_and_expert_load_follow_the_formula():
     ffn = layer(n_routed=5, top_k=2, balance_coef=0.03).train()
     x, tokens = inputs(length=30)
@@ -121,7 +142,7 @@ def test_balance_loss_is_coef_for_a_uniform_router_and_near_n_routed_coef_for_a_
     assert ffn.aux_loss.item() == pytest.approx(0.08, rel=1e-3)
 
 
-def test_capacity_keeps_the_earliest_assignments_of_each_expert_and_drops_only_the_rest():
+def test_capacity_keeps_the_earliest_assignments_of_each_expert_and_drops_only_the_rest(unpadded):
     ffn = layer(n_routed=4, n_shared=1, top_k=2, capacity_factor=0.5).train()
     x, tokens = inputs()
     n = tokens.numel()

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from seedbed.bench.memory import run_measured
 from seedbed.config import resolve_config
 from seedbed.data import load_documents
 from seedbed.errors import UserError
@@ -251,22 +252,29 @@ def test_cli_lists_presets():
     assert out.returncode == 0 and "gpt " in out.stdout and "golf-gpt" in out.stdout
 
 
-def test_mixkabrn_preset_trains_and_packs_ternary_under_a_megabyte(tmp_path):
-    """The full-size preset: retention, MoE of KAN experts, ternary linears; packed within a 1 MB budget."""
+def test_mixkabrn_preset_trains_packs_evaluates_and_generates_in_1_gib_each_and_packs_under_a_megabyte(tmp_path):
+    """The full-size preset (retention, MoE of KAN experts, ternary linears) at its own micro-batch:
+    every phase in a process of its own stays under 1 GiB peak RSS, and the artifact under 1 MB."""
     run, artifact, corpus = tmp_path / "mix", tmp_path / "mix.seedbed", tmp_path / "corpus"
     corpus.mkdir()
     for doc in load_documents("default")[:6]:  # 3 kB each: the preset scores slowly (the run and pack both do)
         (corpus / doc.name).write_bytes(doc.data[:3000])
-    out = seedbed("train", "--preset", "mixkabrn", "--steps", "2", "--data", str(corpus), "--out", str(run),
-                  "--no-progress", "train.batch_size=2", "train.dtype=fp32", "train.device=cpu")
-    assert out.returncode == 0, out.stderr
-    packed = seedbed("pack", str(run), "-o", str(artifact), "--budget", "1000000")
-    assert packed.returncode == 0, packed.stderr
+    # Six steps of 4 x 4 sequences: the allocator's high-water mark has settled by the third.
+    phases = {"train": ["train", "--preset", "mixkabrn", "--steps", "6", "--data", str(corpus), "--out", str(run),
+                        "--no-progress", "train.device=cpu"],
+              "pack": ["pack", str(run), "-o", str(artifact), "--budget", "1000000"],
+              "eval": ["eval", str(artifact), "--data", str(corpus)],
+              "generate": ["generate", str(artifact), "--prompt", "KING.", "--tokens", "200", "--seed", "1"]}
+    peaks = {}
+    for phase, args in phases.items():
+        measured = run_measured(args, timeout=600)
+        assert measured.returncode == 0, measured.stderr
+        peaks[phase] = measured.peak_mib
+    assert all(peak < 1024 for peak in peaks.values()), peaks
     assert artifact.stat().st_size <= 1_000_000
     info = seedbed("info", str(artifact))
     assert info.returncode == 0 and "ternary" in info.stdout, info.stderr
-    sample = seedbed("generate", str(artifact), "--prompt", "KING.", "--tokens", "10", "--seed", "1")
-    assert sample.returncode == 0 and sample.stdout.startswith("KING."), sample.stderr
+    assert measured.stdout.startswith("KING.")
 
 
 def test_germinator_10b_preset_is_ten_billion_virtual_parameters_in_under_a_megabyte(tmp_path):

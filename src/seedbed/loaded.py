@@ -62,7 +62,7 @@ class LoadedModel:
     def generate(self, prompt: str, tokens: int = 200, **kwargs) -> str:
         return "".join(self.stream(prompt, tokens, **kwargs))
 
-    def evaluate(self, data: bytes, stride: int = 0, batch_size: int = 16, use_cache: bool = True,
+    def evaluate(self, data: bytes, stride: int = 0, batch_size: int = 0, use_cache: bool = True,
                  adapt: AdaptOptions | None = None, streams: int = 64) -> EvalResult:
         """Honest bpb of a byte string (a whole text scored left to right), with the n-gram cache
         when there is one and ``use_cache``, adapting score-first as ``adapt`` says (None: not)."""
@@ -70,7 +70,8 @@ class LoadedModel:
 
     def score(self, tokens: np.ndarray, n_bytes: int, stride: int = 0, use_cache: bool = True,
               adapt: AdaptOptions | None = None, streams: int = 64, context: int = 0, answers=None,
-              batch_size: int = 16) -> EvalResult:
+              batch_size: int = 0) -> EvalResult:
+        """``batch_size`` 0: the micro-batch the model trained at, which its memory budget was set for."""
         cache = self.cache if use_cache else None
         if adapt is not None:
             if context:
@@ -78,7 +79,7 @@ class LoadedModel:
             return score_streams(self.model, tokens, n_bytes, streams, stride or self.config.model.max_seq_len // 2,
                                  cache, adapt, self.tokenizer.surfaces)
         return evaluate_bpb(self.model, tokens, n_bytes, context or self.config.model.max_seq_len, stride,
-                            batch_size=batch_size, answers=answers, cache=cache)
+                            batch_size=batch_size or self.config.train.batch_size, answers=answers, cache=cache)
 
     def evaluate_split(self, spec: str, split: str, stride: int = 0, max_tokens: int = 0,
                        context: int = 0, use_cache: bool = True, adapt: AdaptOptions | None = None,

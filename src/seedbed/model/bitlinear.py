@@ -18,6 +18,11 @@ dL/dx̂ = grad W_q. A zero weight (zero_init) gives T = 0 and outputs exactly ze
 while its gradient still flows; γ is floored at 1e-12, the floor the ``ternary``
 storage kind uses, so both always pick the same trits.
 
+Memory. Through autograd the STE would keep, per call, the normed input, its quantised copy and
+the matmul's cast of it. ``TernaryStraightThrough`` saves only x and W and recomputes the rest in
+backward (the quantisers are cheap beside the matmuls); ``straight_through_reference`` is the
+autograd form, and a test holds the two equal.
+
 The norm. Blocks already pre-norm their input, so for q/k/v and the MLP's up
 projection this RMSNorm only undoes the block norm's gain; it matters for the output
 projections (attention ``out``, MLP ``down``), whose inputs are un-normalised: there it
@@ -132,6 +137,48 @@ def int8_matmul_works() -> bool:
 INT8_MATMUL_ON_CPU = int8_matmul_works()
 
 
+def quantised_values(x: torch.Tensor, norm: bool, bits: int) -> torch.Tensor:
+    """x_q in float32: L · step (the quantised normed input), or the normed input itself at ``bits = 0``."""
+    x = x.float()
+    if not bits:
+        return F.rms_norm(x, (x.shape[-1],), None, NORM_EPS) if norm else x
+    levels, step = quantise_activations(x, bits)
+    return levels * (step / root_mean_square(x) if norm else step)
+
+
+class TernaryStraightThrough(torch.autograd.Function):
+    """y = x_q W_q^T, with the STE's gradients, saving only x and W (``BitLinear.straight_through_reference``
+    is the same through autograd, which keeps the normed and the quantised input of every call alive)::
+
+        dL/dx̂ = g W_q,   dL/dx = (dL/dx̂ - x̂ mean(dL/dx̂ · x̂)) / rms(x)   (the RMSNorm's Jacobian),
+        dL/dW = g^T x_q                                                    (x_q recomputed from x)
+
+    Matmuls run in ``dtype`` (the autocast dtype, or x's), the quantisers in float32, as in the reference.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, norm: bool, bits: int, dtype: torch.dtype) -> torch.Tensor:
+        trits, scale = ternarise(weight.detach())
+        ctx.save_for_backward(x, weight)
+        ctx.norm, ctx.bits, ctx.dtype = norm, bits, dtype
+        return F.linear(quantised_values(x, norm, bits).to(dtype), (trits * scale).to(dtype))
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, weight = ctx.saved_tensors
+        trits, scale = ternarise(weight.detach())
+        grad = grad.to(ctx.dtype)
+        grad_normed = (grad @ (trits * scale).to(ctx.dtype)).float()
+        if ctx.norm:
+            x32 = x.float()
+            inverse_rms = torch.rsqrt(x32.square().mean(-1, keepdim=True) + NORM_EPS)
+            normed = x32 * inverse_rms
+            grad_normed = (grad_normed - normed * (grad_normed * normed).mean(-1, keepdim=True)) * inverse_rms
+        rows = grad.reshape(-1, grad.shape[-1])
+        inputs = quantised_values(x, ctx.norm, ctx.bits).to(ctx.dtype).reshape(-1, x.shape[-1])
+        return grad_normed.to(x.dtype), (rows.t() @ inputs).to(weight.dtype), None, None, None
+
+
 @LINEARS.register("bitlinear")
 class BitLinear(nn.Module):
     """Ternary-weight linear with per-token absmax activation quantisation; see the module docstring."""
@@ -170,7 +217,14 @@ class BitLinear(nn.Module):
         return levels, (step / root_mean_square(x) if self.norm else step)
 
     def straight_through(self, x: torch.Tensor) -> torch.Tensor:
-        """Quantised values forward, identity Jacobians backward (the BitNet STE)."""
+        """Quantised values forward, identity Jacobians backward (the BitNet STE), saving only x and W."""
+        device = x.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        with torch.autocast(device, enabled=False):
+            return TernaryStraightThrough.apply(x, self.weight, self.norm, self.activation_bits, dtype)
+
+    def straight_through_reference(self, x: torch.Tensor) -> torch.Tensor:
+        """The STE through autograd: ``straight_through`` computes the same, keeping less alive."""
         trits, scale = ternarise(self.weight.detach())
         weight = trits * scale + (self.weight - self.weight.detach())
         normed = F.rms_norm(x, (x.shape[-1],), None, NORM_EPS) if self.norm else x

@@ -56,6 +56,11 @@ c = (1 + n) + (1 + n if down is kan, else 1) the KAN has d H c matrix weights ag
 2 m d^2 for an MLP of mult m, so ``mlp_matched_mult`` returns mult = 2 m / c (whatever d),
 and ``mult = 0`` (default) uses the match for m = 4. At defaults (n = 11) that is H = d / 3.
 
+Memory. In training the spline term is recomputed in backward (activation checkpointing): the
+(tokens, d_in n) bases and the spline linear's quantised input are never kept for backward, only
+x'; what it costs is one more basis pass per step, and at mixkabrn's shape it is no slower overall,
+since fewer large blocks pass through the allocator.
+
 ``flops_per_token`` counts the forward pass: 2 FLOPs per multiply-add of every matmul,
 plus the elementwise work (norm, SiLU, bases), one FLOP per elementary op, exp included.
 """
@@ -67,6 +72,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from seedbed.model.layers import BuildContext
 from seedbed.perf import Flops
@@ -162,9 +168,16 @@ class KANLayer(nn.Module):
             return rbf_bases(x, self.grid_min, self.grid_max, self.grid_size)
         return bspline_bases(x, self.grid_min, self.grid_max, self.grid_size, self.spline_order)
 
+    def spline_term(self, x: torch.Tensor) -> torch.Tensor:
+        return self.spline(self.bases(x).to(x.dtype).flatten(-2))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.rms_norm(x, (x.shape[-1],), eps=NORM_EPS)
-        return self.base(F.silu(x)) + self.spline(self.bases(x).to(x.dtype).flatten(-2))
+        if torch.is_grad_enabled():
+            spline = checkpoint(self.spline_term, x, use_reentrant=False)
+        else:
+            spline = self.spline_term(x)
+        return self.base(F.silu(x)) + spline
 
     def flops(self, tokens: int) -> Flops:
         """Its two matmuls, d_in -> d_out and d_in n -> d_out: 2 * d_in * d_out * (1 + n) per token at dense

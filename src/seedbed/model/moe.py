@@ -68,6 +68,9 @@ from seedbed.perf import Flops
 from seedbed.registry import FFNS, require
 
 
+ROW_BUCKET = 64  # training pads each expert's slice to a multiple of this many rows
+
+
 @FFNS.register("moe")
 class MoE(nn.Module):
     @dataclass
@@ -180,10 +183,23 @@ class MoE(nn.Module):
         sizes = sizes[:self.n_routed].tolist()
         rows = token_of[order]
         slices = zip(self.routed, x[rows].split(sizes), tokens[rows].split(sizes))
-        outputs = torch.cat([expert(chunk[None], chunk_tokens[None])[0] for expert, chunk, chunk_tokens in slices])
+        outputs = torch.cat([self.run_padded(expert, chunk, chunk_tokens) for expert, chunk, chunk_tokens in slices])
         weighted = outputs * gates.T.reshape(-1)[order, None]
         routed = weighted.new_zeros(n, x.shape[-1]).index_add_(0, rows, weighted)
         return routed, kept.view(k, n).T
+
+    def run_padded(self, expert: nn.Module, chunk: torch.Tensor, chunk_tokens: torch.Tensor) -> torch.Tensor:
+        """expert(chunk), in training on the chunk padded with zero rows to a multiple of ``ROW_BUCKET``.
+
+        Slice sizes change every step; padded, they take a few sizes only, so the allocator reuses
+        freed blocks and oneDNN its compiled kernels instead of growing with every new shape. An
+        expert works on each token alone, so the padding changes no real row."""
+        size = chunk.shape[0]
+        padding = -size % ROW_BUCKET if self.training else 0
+        if padding:
+            chunk = torch.cat([chunk, chunk.new_zeros(padding, chunk.shape[1])])
+            chunk_tokens = torch.cat([chunk_tokens, chunk_tokens.new_zeros(padding)])
+        return expert(chunk[None], chunk_tokens[None])[0, :size]
 
     def dispatch_per_token(self, x: torch.Tensor, tokens: torch.Tensor, gates: torch.Tensor,
                            choices: torch.Tensor, capacity: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -120,7 +120,8 @@ def chunkwise_retention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_d
     pad = n_chunks * size - length  # zero keys and values at the end add nothing to any state
 
     def chunked(x: torch.Tensor) -> torch.Tensor:
-        return F.pad(x, (0, 0, 0, pad)).view(batch, heads, n_chunks, size, x.shape[-1])
+        padded = F.pad(x, (0, 0, 0, pad)) if pad else x  # F.pad copies even when it pads nothing
+        return padded.reshape(batch, heads, n_chunks, size, x.shape[-1])
 
     qc, kc, vc = chunked(q), chunked(k), chunked(v)
     local = torch.arange(size, device=q.device)
