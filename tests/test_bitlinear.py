@@ -11,8 +11,9 @@ from seedbed.errors import UserError
 from seedbed.model import LM
 from seedbed.bench.ternary import bench_ternary_matmul
 from seedbed.hardware import cpu_has_fast_bf16
-from seedbed.model.bitlinear import (INT8_MATMUL_ON_CPU, BitLinear, quantise_activations,
-                                     ternarise, ternary_matmul_int8, ternary_matmul_reference)
+from seedbed.model.bitlinear import (INT8_MATMUL_ON_CPU, BitLinear, quantise_activations, root_mean_square,
+                                     ternarise, ternary_matmul_int8, ternary_matmul_reference, use_kernel)
+from seedbed.model.packed_ternary import load_kernel, pack_trits, packed_ternary_linear, padded_width, unpack_trits
 from seedbed.model.layers import DenseLinear
 from seedbed.pack.artifact import QuantRule, read_artifact
 from seedbed.pack.pack import load_artifact, pack_model
@@ -137,10 +138,61 @@ def test_int8_kernel_equals_float_reference_exactly(shape):
     levels, step = layer.quantised_input(x)
     reference = ternary_matmul_reference(levels, step, trits, scale)
     assert torch.equal(ternary_matmul_int8(levels, step, trits.to(torch.int8), scale), reference)
+    layer.pinned_kernel = "int8"
     with torch.no_grad():
         assert torch.equal(layer(x), reference)
     # The training path sums the same products in another order.
     torch.testing.assert_close(layer.train()(x), reference, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("in_features", [1, 77, 128, 129, 300])  # odd widths: rows padded to 128 weights
+def test_trits_pack_to_two_bits_and_unpack_unchanged(in_features):
+    trits = torch.randint(-1, 2, (13, in_features), generator=torch.Generator().manual_seed(in_features))
+    codes = pack_trits(trits)
+    assert codes.dtype == torch.uint8 and codes.shape == (13, padded_width(in_features) // 4)
+    assert torch.equal(unpack_trits(codes, in_features), trits.to(torch.int8))
+    # The layout: byte j of a block holds weights j, j+32, j+64, j+96, lowest bits first.
+    row = torch.zeros(1, 128, dtype=torch.int64)
+    row[0, [5, 37, 69, 101]] = torch.tensor([1, -1, 0, 1])
+    assert pack_trits(row)[0, 5] == 2 | 0 << 2 | 1 << 4 | 2 << 6
+
+
+@pytest.mark.skipif(load_kernel() is None, reason="the packed kernel needs AVX2 and a C compiler")
+@pytest.mark.parametrize("norm", [False, True])
+@pytest.mark.parametrize("shape", [(1, 256, 1024), (3, 77, 13), (5, 300, 129), (17, 1536, 32), (0, 48, 40)])
+def test_packed_kernel_equals_float_reference(shape, norm):
+    """Levels and int32 sums bit for bit: without the norm the outputs are equal; with it the kernel's
+    rms is summed in another order, which may move the scale by an ulp, never a sum by one."""
+    tokens, in_features, out_features = shape
+    generator = torch.Generator().manual_seed(sum(shape))
+    trits, scale = ternarise(torch.randn(out_features, in_features, generator=generator))
+    x = 3 * torch.randn(tokens, in_features, generator=generator)
+    levels, step = quantise_activations(x, 8)
+    if norm:
+        step = step / root_mean_square(x)
+    reference = ternary_matmul_reference(levels, step, trits, scale)
+    packed = packed_ternary_linear(x, pack_trits(trits), in_features, float(scale), 8, norm)
+    if norm:  # one integer off would be >= 1/|sum| >= 5e-6 relative here (|sum| <= 127 * 1536); an ulp is 6e-8
+        torch.testing.assert_close(packed, reference, rtol=5e-7, atol=0)
+    else:
+        assert torch.equal(packed, reference)
+
+
+@pytest.mark.skipif(load_kernel() is None, reason="the packed kernel needs AVX2 and a C compiler")
+def test_eval_bitlinear_runs_the_packed_kernel_on_two_bit_codes():
+    layer = make_layer(in_features=200, out_features=24).eval()
+    x = torch.randn(2, 7, 200)
+    with torch.no_grad():
+        y = layer(x)
+    codes, scale = layer.packed()
+    assert layer.kernel == "packed" and codes.dtype == torch.uint8 and codes.numel() == 24 * 256 // 4
+    levels, step = layer.quantised_input(x)
+    reference = ternary_matmul_reference(levels, step, *ternarise(layer.weight.detach()))
+    torch.testing.assert_close(y, reference, rtol=5e-7, atol=0)
+    use_kernel(layer, "float")
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), y, rtol=5e-7, atol=0)
+    assert layer.kernel == "float"
 
 
 def test_float_activations_option():
@@ -246,7 +298,9 @@ def test_bench_reports_medians_for_every_candidate():
     (row,) = bench_ternary_matmul([(64, 96)], min_run_time=0.01)
     assert (row["in_features"], row["out_features"]) == (64, 96)
     expected = {"fp32_dense_us", "ternary_reference_us", "bitlinear_eval_us"}
-    expected |= {"ternary_int8_us"} if INT8_MATMUL_ON_CPU else set()
+    expected |= {"ternary_int8_us", "int8_layer_us"} if INT8_MATMUL_ON_CPU else set()
+    expected |= {"packed_layer_us"} if load_kernel() is not None else set()
     expected |= {"bf16_dense_us"} if cpu_has_fast_bf16() else set()  # emulated bf16 is not timed
-    assert expected == set(row) - {"in_features", "out_features", "threads"}
+    assert expected == set(row) - {"in_features", "out_features", "threads", "weight_bytes"}
+    assert row["weight_bytes"] == {"fp32": 4 * 64 * 96, "int8": 64 * 96, "packed": 128 * 96 // 4}
     assert all(row[key] > 0 for key in expected)

@@ -262,6 +262,7 @@ MIXKABRN_MODELS = [
     ("mixkabrn", "mixkabrn", []),
 ]
 DECODE_CONTEXTS = [256, 4096]
+KERNEL_SHAPES = [(256, 1024), (512, 1536), (1024, 4096), (2048, 8192)]
 
 
 def ffn_speed_rows(d_model: int = 256, tokens: int = 4096, repeats: int = 7) -> list[tuple[str, int, int, float]]:
@@ -288,6 +289,45 @@ def ffn_speed_rows(d_model: int = 256, tokens: int = 4096, repeats: int = 7) -> 
             for name, (layer, flops) in layers.items()]
 
 
+PHASES = ("train", "pack", "eval", "generate")
+
+
+def phase_peaks(preset: str, minutes: float, workdir: Path) -> tuple[dict[str, float], Path]:
+    """Train, pack, evaluate and sample ``preset`` through the CLI, each phase in a process of its own:
+    the peak RSS (MiB) of each, and the artifact."""
+    from seedbed.bench.memory import run_measured
+
+    run, artifact = workdir / f"{preset}-phases", workdir / f"{preset}-phases.seedbed"
+    commands = {"train": ["train", "--preset", preset, "--minutes", str(minutes), "--out", str(run), "--no-progress"],
+                "pack": ["pack", str(run), "-o", str(artifact)],
+                "eval": ["eval", str(artifact)],
+                "generate": ["generate", str(artifact), "--prompt", "KING.", "--tokens", "200", "--seed", "1"]}
+    peaks = {}
+    for phase in PHASES:
+        print(f"[{preset} {phase}] in its own process ...", file=sys.stderr)
+        measured = run_measured(commands[phase])
+        if measured.returncode != 0:
+            raise RuntimeError(f"seedbed {phase} failed: {measured.stderr.strip().splitlines()[-1:]}")
+        peaks[phase] = measured.peak_mib
+    return peaks, artifact
+
+
+def kernel_decode_rows(artifact: Path) -> dict[str, dict[int, float]]:
+    """Decode tokens/s at batch 1 of one artifact on each BitLinear kernel this machine runs."""
+    from seedbed.model.bitlinear import use_kernel
+    from seedbed.model.packed_ternary import INT8_MATMUL_ON_CPU, load_kernel
+
+    model = load_artifact(artifact).model
+    kernels = [name for name, runs in (("packed", load_kernel() is not None), ("int8", INT8_MATMUL_ON_CPU),
+                                       ("float", True)) if runs]
+    rows = {}
+    for kernel in kernels:
+        use_kernel(model, kernel)
+        rows[kernel] = {context: decode_speed(model, context)[0] for context in DECODE_CONTEXTS}
+    use_kernel(model, None)
+    return rows
+
+
 def microseconds(row: dict, key: str) -> str:
     """A timing cell; candidates the CPU cannot run natively are not timed."""
     return f"{row[key]:.1f}" if key in row else "not run"
@@ -299,10 +339,13 @@ def bench_mixkabrn(minutes: float, output: Path) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         rows = [train_and_pack(label, preset, overrides, minutes, Path(tmp), decode_contexts=DECODE_CONTEXTS)
                 for label, preset, overrides in MIXKABRN_MODELS]
+        peaks, artifact = phase_peaks("mixkabrn", minutes, Path(tmp))
+        print("[mixkabrn decode] packed kernel beside int8 and float ...", file=sys.stderr)
+        decode_rows = kernel_decode_rows(artifact)
     print("[ffn] kan beside mlp ...", file=sys.stderr)
     ffn_rows = ffn_speed_rows()
     print("[ternary] packed-ternary matmul beside float ...", file=sys.stderr)
-    matmul_rows = bench_ternary_matmul([(256, 1024), (512, 1536), (1024, 4096)])
+    matmul_rows = bench_ternary_matmul(KERNEL_SHAPES)
     lines = [
         "## seedbed bench mixkabrn",
         "",
@@ -325,6 +368,23 @@ def bench_mixkabrn(minutes: float, output: Path) -> None:
                      f"| {state_long / 2**10:,.0f} KiB | {r.max_rss_mib:,.0f} |")
     lines += [
         "",
+        f"`mixkabrn` again, {minutes:g} minutes, each phase through the CLI in a process of its own "
+        "(`seedbed train`, `pack`, `eval` on the val split, `generate` 200 tokens): peak RSS in MiB.",
+        "",
+        "| " + " | ".join(PHASES) + " |",
+        "| " + " | ".join("---:" for _ in PHASES) + " |",
+        "| " + " | ".join(f"{peaks[phase]:,.0f}" for phase in PHASES) + " |",
+        "",
+        "Decoding that artifact at batch 1 on each BitLinear kernel (`bitlinear.use_kernel`; float: the "
+        "decoded trits times the scale in an fp32 matmul), tokens/s after a prefill of the given context:",
+        "",
+        "| kernel | " + " | ".join(f"decode tok/s @{context}" for context in DECODE_CONTEXTS) + " |",
+        "| --- | " + " | ".join("---:" for _ in DECODE_CONTEXTS) + " |",
+    ]
+    lines += [f"| {kernel} | " + " | ".join(f"{rates[context]:,.1f}" for context in DECODE_CONTEXTS) + " |"
+              for kernel, rates in decode_rows.items()]
+    lines += [
+        "",
         "Feed-forward alone, d_model 256, 4,096 tokens, forward + backward, fp32, median of 7 interleaved runs:",
         "",
         "| ffn | params | forward FLOPs/token | ms per fwd+bwd |",
@@ -333,13 +393,23 @@ def bench_mixkabrn(minutes: float, output: Path) -> None:
     lines += [f"| {name} | {params:,} | {flops:,} | {ms:.1f} |" for name, params, flops, ms in ffn_rows]
     lines += [
         "",
-        "Batch-1 matmul x W^T (1 x in times in x out), median microseconds:",
+        "Batch 1, x W^T (1 x in times in x out), median microseconds. The first four columns are the matmul "
+        "alone (activation levels given); the layer columns do the whole inference BitLinear from float "
+        "input (norm, per-token quantisation, integer matmul, rescale): through torch's int8 matmul, "
+        "through the packed 2-bit kernel, and as the module (which runs the packed kernel where it loads). "
+        "Weights held: fp32 4 bytes a weight, int8 1, packed 0.25.",
         "",
-        "| in -> out | fp32 | bf16 | float ternary | packed ternary (int8) | bitlinear layer (eval) |",
-        "| --- | ---: | ---: | ---: | ---: | ---: |",
+        "| in -> out | fp32 | bf16 | float ternary | int8 ternary | int8 layer | packed layer "
+        "| bitlinear module | packed vs fp32 | packed vs bf16 |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
-    lines += [f"| {m['in_features']} -> {m['out_features']} | {m['fp32_dense_us']:.1f} | {microseconds(m, 'bf16_dense_us')} "
-              f"| {m['ternary_reference_us']:.1f} | {microseconds(m, 'ternary_int8_us')} "
-              f"| {m['bitlinear_eval_us']:.1f} |" for m in matmul_rows]
+    for m in matmul_rows:
+        packed = m.get("packed_layer_us")
+        ratio = lambda key: f"{m[key] / packed:.1f}x" if packed and key in m else "—"
+        lines.append(f"| {m['in_features']} -> {m['out_features']} | {m['fp32_dense_us']:.1f} "
+                     f"| {microseconds(m, 'bf16_dense_us')} | {m['ternary_reference_us']:.1f} "
+                     f"| {microseconds(m, 'ternary_int8_us')} | {microseconds(m, 'int8_layer_us')} "
+                     f"| {microseconds(m, 'packed_layer_us')} | {m['bitlinear_eval_us']:.1f} "
+                     f"| {ratio('fp32_dense_us')} | {ratio('bf16_dense_us')} |")
     write_section(output, "## seedbed bench mixkabrn", "\n".join(lines) + "\n")
     print("\n".join(lines))

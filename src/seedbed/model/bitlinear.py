@@ -43,28 +43,22 @@ Re-packing a loaded artifact is handled by the packer (``ternary_preimage``). On
 consequence: fine-tuning a loaded artifact starts from D, and its first optimiser step
 moves it off the grid, where the scale becomes mean |W| ≈ pγ again.
 
-Inference. With gradients off and the module in eval mode, the trits are cached as
-an int8 matrix, rebuilt when the weight's version counter or storage changes (an
-optimiser step, ``load_state_dict``, ``.to``). L T^T is then an integer matmul,
-``torch._int_mm`` (int8 x int8 -> int32) on CPU. The float reference
-``ternary_matmul_reference`` computes the same integers in float32, exactly, since
-every partial sum is an integer below 2^24 while K < 2^17, so the two give
-bit-identical outputs and either can serve any batch size. Medians at batch 1 on the
-2-core AVX-512 VNNI EPYC this was written on, one thread, in µs (``bench_ternary_matmul``;
-fp32 dense, bf16 dense, float ternary reference, int8 kernel, whole eval BitLinear)::
+Inference. With gradients off and the module in eval mode, the trits are cached in the
+form the fastest kernel this machine runs wants, rebuilt when the weight's version counter
+or storage changes (an optimiser step, ``load_state_dict``, ``.to``):
 
-    256 -> 1024      13.7    22.1    16.1     9.9    32.2
-    512 -> 1536      38.4    51.2    42.7    16.6    39.6
-    1024 -> 4096    245     224     227      55      84
+- ``packed`` (CPU with AVX2 and a C compiler): 2-bit codes, 0.25 bytes a weight, and one call
+  of the compiled kernel in ``packed_ternary.py`` for the whole layer (norm, quantisation,
+  integer products, rescale);
+- ``int8`` (CPU, no compiler): int8 trits and ``torch._int_mm`` (int8 x int8 -> int32);
+- ``float`` (GPUs, or ``activation_bits = 0``, where activations are not integers): float trits.
 
-The int8 kernel (on a column-major view of the trits; a row-major copy ran 2-4x
-slower) beats the fp32 matmul 1.4x-4.5x, but the layer's ~20 µs of per-token norm,
-quantisation and rescaling make it slower than a bare fp32 matmul at 256 -> 1024,
-level at 512 -> 1536 and 3x faster at 1024 -> 4096. bf16 is no faster than fp32 at
-batch 1 here; bf16 matmuls of the trits round their sums to 8 bits, and two boolean
-sign masks summed by gather ran 15x-130x slower than fp32, so neither is kept.
-Elsewhere (GPUs, or ``activation_bits = 0``, where activations are not integers) the
-float path runs.
+The float reference ``ternary_matmul_reference`` computes the same integers in float32,
+exactly, since every partial sum is an integer below 2^24 while K < 2^17, so all three give
+the same integer sums and can serve any batch size (the packed kernel sums the rms in its own
+order, so its scale may differ in the last bit). Batch-1 timings, against fp32 and bf16
+matmuls, are in ``seedbed bench mixkabrn`` (docs/BENCHMARKS.md). ``use_kernel`` pins one
+kind for a whole model, to compare them.
 """
 
 from __future__ import annotations
@@ -76,7 +70,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from seedbed.model.layers import initial_weight
+from seedbed.model.packed_ternary import INT8_MATMUL_ON_CPU, load_kernel, pack_trits, packed_ternary_linear
 from seedbed.perf import Flops, matmul_flops
+from seedbed.errors import UserError
 from seedbed.registry import LINEARS, require
 
 SCALE_FLOOR = 1e-12  # floor of the weight scale γ and of a token's absmax a; matches the ternary storage kind
@@ -125,16 +121,6 @@ def ternary_matmul_int8(levels: torch.Tensor, step: torch.Tensor, trits_int8: to
     return sums.reshape(*levels.shape[:-1], trits_int8.shape[0]) * (step * scale)  # int32 sums < 2^24: exact
 
 
-def int8_matmul_works() -> bool:
-    """Whether ``torch._int_mm`` exists and runs on the CPU in this torch build."""
-    try:
-        ones = torch.ones(1, 8, dtype=torch.int8)
-        return int(torch._int_mm(ones, ones.t())) == 8
-    except (AttributeError, RuntimeError):
-        return False
-
-
-INT8_MATMUL_ON_CPU = int8_matmul_works()
 
 
 def quantised_values(x: torch.Tensor, norm: bool, bits: int) -> torch.Tensor:
@@ -203,7 +189,8 @@ class BitLinear(nn.Module):
         self.weight = initial_weight(in_features, out_features, options.init_std, zero_init)
         self._cache_key: tuple | None = None
         self._cache: tuple[torch.Tensor, torch.Tensor] | None = None
-        self.use_int8 = False  # set with the cache: the int8 kernel serves CPU weights with integer activations
+        self.kernel = "float"  # set with the cache: packed | int8 (CPU weights, integer activations) | float
+        self.pinned_kernel: str | None = None  # use_kernel: this kind whatever the machine offers
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training or torch.is_grad_enabled():
@@ -240,22 +227,42 @@ class BitLinear(nn.Module):
         return matmul_flops(tokens, self.in_features, self.out_features)
 
     def packed(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Cached (trits, γ): int8 trits for the integer kernel, else float; rebuilt when the weight changes."""
+        """Cached (trits, γ), rebuilt when the weight changes: 2-bit codes for the packed kernel, int8
+        trits for the int8 one, else float trits (``kernel`` says which)."""
         weight = self.weight
-        key = (weight._version, weight.data_ptr(), weight.device)
+        key = (weight._version, weight.data_ptr(), weight.device, self.pinned_kernel)
         if key != self._cache_key or self._cache is None:
-            self.use_int8 = bool(self.activation_bits) and weight.device.type == "cpu" and INT8_MATMUL_ON_CPU
+            integer = bool(self.activation_bits) and weight.device.type == "cpu"
+            self.kernel = self.pinned_kernel or ("packed" if integer and load_kernel() is not None else
+                                                 "int8" if integer and INT8_MATMUL_ON_CPU else "float")
             with torch.no_grad():
                 trits, scale = ternarise(weight.float())
-                self._cache = (trits.to(torch.int8) if self.use_int8 else trits), scale
+                stored = {"packed": lambda: pack_trits(trits), "int8": lambda: trits.to(torch.int8),
+                          "float": lambda: trits}[self.kernel]()
+                self._cache = stored, scale
             self._cache_key = key
         return self._cache
 
     def inference(self, x: torch.Tensor) -> torch.Tensor:
         trits, scale = self.packed()
+        if self.kernel == "packed":
+            return packed_ternary_linear(x, trits, self.in_features, float(scale), self.activation_bits,
+                                         self.norm).to(x.dtype)
         if not self.activation_bits:
             normed = F.rms_norm(x, (x.shape[-1],), None, NORM_EPS) if self.norm else x
             return F.linear(normed.float(), trits * scale).to(x.dtype)
         levels, step = self.quantised_input(x.float())
-        matmul = ternary_matmul_int8 if self.use_int8 else ternary_matmul_reference
+        matmul = ternary_matmul_int8 if self.kernel == "int8" else ternary_matmul_reference
         return matmul(levels, step, trits, scale).to(x.dtype)
+
+
+KERNELS = ("packed", "int8", "float")
+
+
+def use_kernel(model: nn.Module, kernel: str | None) -> None:
+    """Run every BitLinear of ``model`` on ``kernel`` (one of ``KERNELS``; None: the fastest available)."""
+    if kernel == "packed" and load_kernel() is None:
+        raise UserError("the packed ternary kernel is not available here (it needs AVX2 and a C compiler)")
+    for module in model.modules():
+        if isinstance(module, BitLinear):
+            module.pinned_kernel = kernel

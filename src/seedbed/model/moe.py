@@ -148,7 +148,8 @@ class MoE(nn.Module):
 
         Every routed expert runs once per call on its slice; a feed-forward's cost is affine in its
         tokens, so the slices together cost one expert on all top_k N assignments plus the other experts'
-        per-call work (zero for dense weights). Assignments dropped by capacity are counted too.
+        per-call work (zero for dense weights). Assignments dropped by capacity are counted too; the zero
+        rows training pads each slice with (``run_padded``) are not: they are overhead, not the model's work.
         """
         tokens = batch * context
         expert = self.routed[0]
