@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from seedbed.errors import UserError
 from seedbed.model.kan import (KAN, KANLayer, bspline_bases, flops_per_token, hidden_width, mlp_matched_mult,
-                               n_bases, rbf_bases, reference_bspline_bases)
+                               n_bases, rbf_bases, reference_bspline_bases, reference_rbf_bases)
 from seedbed.model.layers import BuildContext
 from seedbed.model.mlp import MLP
 from seedbed.registry import FFNS
@@ -75,6 +75,18 @@ def test_rbf_bases_shape_and_values_match_the_formula():
     centres, width = [-2.0, -1.0, 0.0, 1.0, 2.0], 1.0
     plain = torch.tensor([[math.exp(-((u - c) / width) ** 2) for c in centres] for u in x.flatten().tolist()])
     torch.testing.assert_close(bases, plain.view(3, 4, 7, 5), rtol=1e-5, atol=1e-6)
+
+
+def test_fused_rbf_bases_equal_the_autograd_reference_with_gradients():
+    x = (torch.randn(3, 5, 7) * 2).requires_grad_()
+    grad = torch.randn(3, 5, 7, 6)
+    fused = rbf_bases(x, -2.0, 2.0, 6)
+    (fused * grad).sum().backward()
+    fused_grad, x.grad = x.grad, None
+    reference = reference_rbf_bases(x, -2.0, 2.0, 6)
+    (reference * grad).sum().backward()
+    assert torch.equal(fused, reference)
+    torch.testing.assert_close(fused_grad, x.grad, rtol=1e-5, atol=1e-6)
 
 
 def edge_sum_reference(layer: KANLayer, x: torch.Tensor) -> torch.Tensor:

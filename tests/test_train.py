@@ -259,9 +259,11 @@ def test_mixkabrn_preset_trains_packs_evaluates_and_generates_in_1_gib_each_and_
     corpus.mkdir()
     for doc in load_documents("default")[:6]:  # 3 kB each: the preset scores slowly (the run and pack both do)
         (corpus / doc.name).write_bytes(doc.data[:3000])
-    # Six steps of 4 x 4 sequences: the allocator's high-water mark has settled by the third.
+    # Six steps of 4 x 4 sequences (the allocator's high-water mark has settled by the third), with a
+    # periodic evaluation and a checkpoint on top of it, as any run longer than a minute has them.
     phases = {"train": ["train", "--preset", "mixkabrn", "--steps", "6", "--data", str(corpus), "--out", str(run),
-                        "--no-progress", "train.device=cpu"],
+                        "--no-progress", "train.device=cpu", "train.eval_every_steps=4",
+                        "train.checkpoint_every_steps=4"],
               "pack": ["pack", str(run), "-o", str(artifact), "--budget", "1000000"],
               "eval": ["eval", str(artifact), "--data", str(corpus)],
               "generate": ["generate", str(artifact), "--prompt", "KING.", "--tokens", "200", "--seed", "1"]}
@@ -270,7 +272,7 @@ def test_mixkabrn_preset_trains_packs_evaluates_and_generates_in_1_gib_each_and_
         measured = run_measured(args, timeout=600)
         assert measured.returncode == 0, measured.stderr
         peaks[phase] = measured.peak_mib
-    assert all(peak < 1024 for peak in peaks.values()), peaks
+    assert all(peak < 1024 for peak in peaks.values()), peaks  # MiB
     assert artifact.stat().st_size <= 1_000_000
     info = seedbed("info", str(artifact))
     assert info.returncode == 0 and "ternary" in info.stdout, info.stderr
@@ -293,3 +295,53 @@ def test_germinator_10b_preset_is_ten_billion_virtual_parameters_in_under_a_mega
     assert virtual_parameters(again) == virtual_parameters(model)
     seeds, reloaded = dict(model.named_buffers()), dict(again.named_buffers())
     assert seeds.keys() == reloaded.keys() and all(torch.equal(reloaded[name], seeds[name]) for name in seeds)
+
+
+def test_fine_tuning_an_artifact_trains_lora_adapters_only_and_lowers_bpb_on_the_new_text(tmp_path, small_corpus):
+    """``seedbed train --from ARTIFACT``: the base's weights stay bit-identical (in the run and, for the
+    ternary ones, in the packed result), the adapters are packed beside them, and the new text scores better."""
+    from seedbed.pack.pack import declared_storage_kinds, load_artifact
+    from seedbed.runs import load
+
+    base_run, base, tuned_run, tuned = (tmp_path / name for name in ("base", "base.seedbed", "tuned", "tuned.seedbed"))
+    trained = seedbed("train", "--preset", "gpt", "--steps", "40", "--data", str(small_corpus), "--out", str(base_run),
+                      "--no-progress", "model.d_model=64", "model.n_layers=2", "model.max_seq_len=64",
+                      "model.mixer.n_heads=4", 'model.linear={kind="bitlinear"}', "train.batch_size=8",
+                      "train.dtype=fp32", "train.device=cpu")
+    assert trained.returncode == 0, trained.stderr
+    assert seedbed("pack", str(base_run), "-o", str(base)).returncode == 0
+    new_text = tmp_path / "new"  # text unlike Shakespeare: a program's source, six files
+    new_text.mkdir()
+    sources = sorted(Path(json.__file__).parent.glob("*.py"))[:6]
+    for source in sources:
+        (new_text / source.name).write_bytes(source.read_bytes()[:6000])
+    bpb = lambda out: float(out.stdout.split("bpb ")[1].split()[0])
+    before = seedbed("eval", str(base), "--data", str(new_text))
+    assert before.returncode == 0, before.stderr
+
+    tuned_out = seedbed("train", "--from", str(base), "--data", str(new_text), "--steps", "40", "--out", str(tuned_run),
+                        "--no-progress", "train.device=cpu")
+    assert tuned_out.returncode == 0, tuned_out.stderr
+    assert seedbed("pack", str(tuned_run), "-o", str(tuned)).returncode == 0
+    after = seedbed("eval", str(tuned), "--data", str(new_text))
+    assert after.returncode == 0, after.stderr
+    assert bpb(after) < bpb(before) - 0.2, (before.stdout, after.stdout)
+
+    base_state = load_artifact(base).model.state_dict()
+    run_state, packed_state = load(tuned_run).model.state_dict(), load_artifact(tuned).model.state_dict()
+    adapters = {name for name in run_state if name.endswith(("lora_down", "lora_up"))}
+    assert adapters and set(run_state) - adapters == set(base_state)
+    assert all(torch.equal(run_state[name], base_state[name]) for name in base_state)
+    ternary = [name for name, kind in declared_storage_kinds(load_artifact(base).model).items() if kind == "ternary"]
+    assert ternary and all(torch.equal(packed_state[name], base_state[name]) for name in ternary)
+    assert all(run_state[name].abs().sum() > 0 for name in adapters if name.endswith("lora_up"))
+
+
+def test_fine_tuning_refuses_a_model_without_ternary_linears(tiny_run, tmp_path, small_corpus):
+    artifact = tmp_path / "dense.seedbed"
+    assert seedbed("pack", str(tiny_run), "-o", str(artifact)).returncode == 0
+    out = seedbed("train", "--from", str(artifact), "--data", str(small_corpus), "--steps", "1",
+                  "--out", str(tmp_path / "no"), "train.device=cpu")
+    assert out.returncode == 2 and "not bitlinear" in out.stderr and not (tmp_path / "no").exists()
+    missing = seedbed("train", "--from", str(artifact), "--steps", "1", "train.device=cpu")
+    assert missing.returncode == 2 and "--data" in missing.stderr

@@ -76,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--preset", help="a built-in preset (default: gpt)")
     source.add_argument("--config", help="a TOML config file")
     source.add_argument("--resume", metavar="RUN", help="continue a run from its last checkpoint")
+    source.add_argument("--from", dest="base", metavar="ARTIFACT",
+                        help="fine-tune a packed model on --data with LoRA adapters on its ternary linears "
+                             f"(rank {FINE_TUNE_RANK}: model.linear.lora_rank=R); its weights stay as they are")
     length = train.add_mutually_exclusive_group()
     length.add_argument("--minutes", type=positive_float, help="train for this many minutes of wall clock")
     length.add_argument("--steps", type=positive_int, help="train for this many optimiser steps")
@@ -238,7 +241,8 @@ def cmd_train(args: argparse.Namespace) -> None:
             raise UserError(f"cannot resume: {run_dir} is not a run folder (no config.toml)")
         cfg = config_from_dict(apply_overrides(read_config_file(run_dir / "config.toml"), overrides))
     else:
-        cfg = resolve_config(args.preset, args.config, overrides)
+        cfg = fine_tune_config(args.base, args.data, overrides) if args.base else \
+            resolve_config(args.preset, args.config, overrides)
         if args.out:
             run_dir = Path(args.out)
         elif Distributed.from_env().world > 1:
@@ -263,6 +267,29 @@ def cmd_train(args: argparse.Namespace) -> None:
         if result.val_answer_accuracy is not None:
             print(f"val answer accuracy {result.val_answer_accuracy:.2%}")
         print(f"run folder {run_dir}")
+
+
+FINE_TUNE_RANK = 8
+# What fine-tuning changes in the base's config, before the user's own overrides: LoRA on every
+# ternary linear, only the adapters trained (AdamW: Muon's orthogonalised steps suit full matrices),
+# no warm-up needed for adapters that start at zero.
+FINE_TUNE_DEFAULTS = [f"model.linear.lora_rank={FINE_TUNE_RANK}", "train.trainable=\"lora\"",
+                      "train.optimizer=\"adamw\"", "train.lr=0.003", "train.warmup_steps=0"]
+
+
+def fine_tune_config(artifact: str, data: str | None, overrides: list[str]):
+    """``seedbed train --from ARTIFACT``: the artifact's own config, set up to train LoRA adapters on
+    ``data`` from the artifact's weights; refused, before any work, for a model with no ternary linears."""
+    from seedbed.config import apply_overrides, config_from_dict
+    from seedbed.pack.artifact import read_artifact
+
+    if not data:
+        raise UserError("--from ARTIFACT fine-tunes on your own text: pass --data PATH (a file or folder)")
+    values = read_artifact(artifact).config
+    if values.get("model", {}).get("linear", {}).get("kind") != "bitlinear":
+        raise UserError(f"--from {artifact}: its linears are not bitlinear, so there are no ternary weights to adapt")
+    base = [f"train.init_from={quote(str(Path(artifact).resolve()))}", *FINE_TUNE_DEFAULTS]
+    return config_from_dict(apply_overrides(values, base + overrides))
 
 
 def quote(text: str) -> str:

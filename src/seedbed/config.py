@@ -229,6 +229,9 @@ class TrainConfig:
     # A run folder or artifact whose weights start this run (a branch of a seed model, as in
     # Branch-Train-Merge); its model must be this run's model and its tokenizer this run's.
     init_from: str = ""
+    # all | lora: train only the LoRA adapters (``model.linear.lora_rank``), every other weight frozen:
+    # what ``seedbed train --from ARTIFACT`` sets to fine-tune a packed model on a user's text.
+    trainable: str = "all"
 
     def check(self, where: str) -> None:
         for name in ("batch_size", "grad_accum", "log_every"):
@@ -244,6 +247,7 @@ class TrainConfig:
         require(self.optimizer in ("muon", "adamw"), f"{where}.optimizer must be muon or adamw, got {self.optimizer!r}")
         require(self.schedule in ("cosine", "warmdown", "constant"),
                 f"{where}.schedule must be cosine, warmdown or constant, got {self.schedule!r}")
+        require(self.trainable in ("all", "lora"), f"{where}.trainable must be all or lora, got {self.trainable!r}")
         require(self.dtype in ("auto", "fp32", "bf16"), f"{where}.dtype must be auto, fp32 or bf16, got {self.dtype!r}")
         require(self.device in ("auto", "cpu", "cuda"), f"{where}.device must be auto, cpu or cuda, got {self.device!r}")
         require(0 <= self.warmdown_frac <= 1, f"{where}.warmdown_frac must be in [0, 1]")

@@ -263,9 +263,10 @@ MIXKABRN_MODELS = [
 ]
 DECODE_CONTEXTS = [256, 4096]
 KERNEL_SHAPES = [(256, 1024), (512, 1536), (1024, 4096), (2048, 8192)]
+FFN_TOKENS = 4096
 
 
-def ffn_speed_rows(d_model: int = 256, tokens: int = 4096, repeats: int = 7) -> list[tuple[str, int, int, float]]:
+def ffn_speed_rows(d_model: int = 256, tokens: int = FFN_TOKENS, repeats: int = 7) -> list[tuple[str, int, int, float]]:
     """KAN beside an MLP of (about) equal parameters: params, forward FLOPs/token, median fwd+bwd ms."""
     from seedbed.model.kan import KAN, flops_per_token
     from seedbed.model.layers import BuildContext
@@ -277,6 +278,11 @@ def ffn_speed_rows(d_model: int = 256, tokens: int = 4096, repeats: int = 7) -> 
     for basis in ("bspline", "rbf"):
         options = KAN.Options(basis=basis)
         layers[f"kan {basis} (matched params)"] = (KAN(options, ctx), flops_per_token(d_model, options))
+    # KANbeFair's other comparison: an MLP given the KAN's forward FLOPs, basis work included.
+    kan_flops = flops_per_token(d_model, KAN.Options(basis="rbf"))
+    mult = kan_flops / (2 * 2 * d_model * d_model)
+    layers[f"mlp (mult {mult:.2f}: rbf kan's FLOPs)"] = (MLP(MLP.Options(mult=mult), ctx),
+                                                        2 * 2 * round(mult * d_model) * d_model)
     x = torch.randn(tokens, d_model)
     ids = torch.zeros(tokens, dtype=torch.long)
     times: dict[str, list[float]] = {name: [] for name in layers}
@@ -387,10 +393,11 @@ def bench_mixkabrn(minutes: float, output: Path) -> None:
         "",
         "Feed-forward alone, d_model 256, 4,096 tokens, forward + backward, fp32, median of 7 interleaved runs:",
         "",
-        "| ffn | params | forward FLOPs/token | ms per fwd+bwd |",
-        "| --- | ---: | ---: | ---: |",
+        "| ffn | params | forward FLOPs/token | ms per fwd+bwd | tokens/s (fwd+bwd) |",
+        "| --- | ---: | ---: | ---: | ---: |",
     ]
-    lines += [f"| {name} | {params:,} | {flops:,} | {ms:.1f} |" for name, params, flops, ms in ffn_rows]
+    lines += [f"| {name} | {params:,} | {flops:,} | {ms:.1f} | {FFN_TOKENS / ms * 1000:,.0f} |"
+              for name, params, flops, ms in ffn_rows]
     lines += [
         "",
         "Batch 1, x W^T (1 x in times in x out), median microseconds. The first four columns are the matmul "

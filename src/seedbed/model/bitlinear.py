@@ -32,16 +32,22 @@ model stores nothing but trits for this layer. ``norm = false`` drops it.
 
 Idempotence, and why packing is exact. The class attribute ``storage_kinds`` makes the
 packer store these weights with the ``ternary`` storage kind (5 trits per byte, one
-float32 scale) whatever their size. That kind encodes W as T and γ computed exactly as
-here, and decodes to the grid tensor D = γT. Plain absmean of D would give
+float32 scale) whatever their size. That kind encodes W as T and γ by ``ternarise``
+itself, and decodes to the grid tensor D = γT. Plain absmean of D would give
 mean |D| = pγ (p: the fraction of nonzero trits) and scale the layer down by p. So
 ``ternarise`` treats a tensor already on a ternary grid, all nonzero magnitudes equal,
 as a fixed point: D maps to (T, γ) again, the loaded layer computes bit for bit what
-the trained one did, and the quantiser is a projection. A trained float master is in
-practice never on such a grid (an all-zero one is, and maps to zero either way).
-Re-packing a loaded artifact is handled by the packer (``ternary_preimage``). One
-consequence: fine-tuning a loaded artifact starts from D, and its first optimiser step
-moves it off the grid, where the scale becomes mean |W| ≈ pγ again.
+the trained one did, re-packing a loaded artifact writes the same bytes, and the
+quantiser is a projection. A trained float master is in practice never on such a grid
+(an all-zero one is, and maps to zero either way). One consequence: training a loaded
+artifact's weights starts from D, and the first optimiser step moves them off the grid,
+where the scale becomes mean |W| ≈ pγ again; LoRA fine-tuning (below) leaves them on it.
+
+LoRA (``lora_rank`` r > 0): y = BitLinear(x) + (x A^T) B, with A (r, in) Gaussian of
+std 1/sqrt(in) and B (r, out) zero, so an adapted layer starts as the ternary one. ``seedbed
+train --from ARTIFACT`` trains only A and B on a user's text (``train.trainable = "lora"``):
+the trits and their scale stay exactly those of the artifact, and packing writes them as
+the same bytes with the adapters (int8 by the default rule) beside them.
 
 Inference. With gradients off and the module in eval mode, the trits are cached in the
 form the fastest kernel this machine runs wants, rebuilt when the weight's version counter
@@ -160,9 +166,12 @@ class TernaryStraightThrough(torch.autograd.Function):
             inverse_rms = torch.rsqrt(x32.square().mean(-1, keepdim=True) + NORM_EPS)
             normed = x32 * inverse_rms
             grad_normed = (grad_normed - normed * (grad_normed * normed).mean(-1, keepdim=True)) * inverse_rms
-        rows = grad.reshape(-1, grad.shape[-1])
-        inputs = quantised_values(x, ctx.norm, ctx.bits).to(ctx.dtype).reshape(-1, x.shape[-1])
-        return grad_normed.to(x.dtype), (rows.t() @ inputs).to(weight.dtype), None, None, None
+        grad_weight = None
+        if ctx.needs_input_grad[1]:  # a frozen base (LoRA fine-tuning) needs no weight gradient
+            rows = grad.reshape(-1, grad.shape[-1])
+            inputs = quantised_values(x, ctx.norm, ctx.bits).to(ctx.dtype).reshape(-1, x.shape[-1])
+            grad_weight = (rows.t() @ inputs).to(weight.dtype)
+        return grad_normed.to(x.dtype), grad_weight, None, None, None
 
 
 @LINEARS.register("bitlinear")
@@ -176,26 +185,37 @@ class BitLinear(nn.Module):
         init_std: float = 0.0  # 0: 1/sqrt(in_features), like the dense kind
         norm: bool = True  # parameter-free RMSNorm of the input before quantising (BitNet's SubLN)
         activation_bits: int = 8  # per-token absmax levels; 0 keeps activations in float
+        lora_rank: int = 0  # > 0: a float low-rank adapter beside the ternary weight (fine-tuning)
 
         def check(self, where: str) -> None:
             require(self.init_std >= 0, f"{where}.init_std must be >= 0, got {self.init_std}")
             require(self.activation_bits == 0 or 2 <= self.activation_bits <= 8,
                     f"{where}.activation_bits must be 0 (off) or 2..8, got {self.activation_bits}")
+            require(self.lora_rank >= 0, f"{where}.lora_rank must be >= 0, got {self.lora_rank}")
 
     def __init__(self, in_features: int, out_features: int, options: Options, zero_init: bool = False):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.norm, self.activation_bits = options.norm, options.activation_bits
         self.weight = initial_weight(in_features, out_features, options.init_std, zero_init)
+        if options.lora_rank:
+            self.lora_down = nn.Parameter(torch.randn(options.lora_rank, in_features) / in_features ** 0.5)
+            # Stored (r, out), not (out, r): the artifact's int8 rule keeps one scale per row, and a row
+            # of r values would spend a 2-byte scale on every r bytes.
+            self.lora_up = nn.Parameter(torch.zeros(options.lora_rank, out_features))
+            # Each adapter is small, and the default rule would keep small tensors in fp16.
+            self.storage_kinds = {**self.storage_kinds, "lora_down": "int8", "lora_up": "int8"}
+        self.lora_rank = options.lora_rank
         self._cache_key: tuple | None = None
         self._cache: tuple[torch.Tensor, torch.Tensor] | None = None
         self.kernel = "float"  # set with the cache: packed | int8 (CPU weights, integer activations) | float
         self.pinned_kernel: str | None = None  # use_kernel: this kind whatever the machine offers
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training or torch.is_grad_enabled():
-            return self.straight_through(x)
-        return self.inference(x)
+        y = self.straight_through(x) if self.training or torch.is_grad_enabled() else self.inference(x)
+        if self.lora_rank:
+            y = y + F.linear(x, self.lora_down.to(x.dtype)) @ self.lora_up.to(x.dtype)
+        return y
 
     def quantised_input(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Levels and step of the (normed) float32 input. The absmax quantiser is scale-invariant,
@@ -223,8 +243,13 @@ class BitLinear(nn.Module):
 
     def flops(self, tokens: int) -> Flops:
         """x_q W_q^T: 2 * tokens * in * out forward, both gradients in backward (the STE passes them to
-        x and W); the norm and both quantisers are elementwise and not counted."""
-        return matmul_flops(tokens, self.in_features, self.out_features)
+        x and W), and the same for a LoRA adapter's two matmuls; the norm and both quantisers are
+        elementwise and not counted."""
+        flops = matmul_flops(tokens, self.in_features, self.out_features)
+        if self.lora_rank:
+            flops = (flops + matmul_flops(tokens, self.in_features, self.lora_rank)
+                     + matmul_flops(tokens, self.lora_rank, self.out_features))
+        return flops
 
     def packed(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Cached (trits, γ), rebuilt when the weight changes: 2-bit codes for the packed kernel, int8

@@ -149,10 +149,13 @@ grouped_kind("int4", 4)
 
 # -- ternary {-1, 0, 1} x one scale -------------------------------------------------------------
 def encode_ternary(t: torch.Tensor, options: dict) -> tuple[bytes, dict]:
-    """BitNet b1.58 absmean: scale = mean |w|, trits = round(w / scale) clipped to [-1, 1]."""
-    w = t.detach().float()
-    scale = w.abs().mean().clamp_min(1e-12)
-    trits = torch.clamp(torch.round(w / scale), -1, 1).to(torch.int32).reshape(-1) + 1
+    """BitNet b1.58 absmean, by BitLinear's own quantiser (so both pick the same trits): scale = mean |w|,
+    trits = round(w / scale) clipped to [-1, 1]; a tensor already on a ternary grid (a weight decoded
+    from an artifact) stores its own signs and magnitude, so re-packing writes the same bytes."""
+    from seedbed.model.bitlinear import ternarise  # the model imports this module's registry users lazily too
+
+    trits, scale = ternarise(t.detach().float())
+    trits = trits.to(torch.int32).reshape(-1) + 1
     digits = trits.numpy().astype(np.uint32)
     pad = (-len(digits)) % 5
     digits = np.concatenate([digits, np.zeros(pad, np.uint32)]).reshape(-1, 5)

@@ -7,7 +7,6 @@ from collections import defaultdict
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import torch
 from torch import nn
 
 from seedbed.cachemix import TextCache
@@ -40,28 +39,13 @@ def declared_storage_kinds(model: nn.Module) -> dict[str, str]:
     return declared
 
 
-def ternary_preimage(tensor: torch.Tensor) -> torch.Tensor:
-    """A tensor the ``ternary`` kind stores as the same trits and, to rounding, the same scale.
-
-    The kind stores round(w / mean |w|) and mean |w|. A tensor already on a ternary grid
-    {-c, 0, c} (a BitLinear weight loaded from an artifact) would come back as p c, p its
-    fraction of nonzeros; divided by p, its absmean is c again, so re-packing keeps it.
-    """
-    magnitude = tensor.detach().float().abs()
-    nonzero = int((magnitude > 0).sum())
-    if nonzero == 0 or not torch.all((magnitude == magnitude.amax()) | (magnitude == 0)):
-        return tensor
-    return tensor * (tensor.numel() / nonzero)
-
-
 def pack_model(loaded, out: str | Path, rule: QuantRule, budget: int | None = None) -> PackResult:
     """Write ``loaded`` (a LoadedModel) as an artifact; refuse, writing nothing, if over ``budget``.
 
     Modules' declared storage kinds come after ``rule``'s explicit patterns, before its default.
     """
     rule = replace(rule, declared={**declared_storage_kinds(loaded.model), **rule.declared})
-    state = {name: ternary_preimage(tensor) if rule.kind_for(name, tensor) == "ternary" else tensor
-             for name, tensor in loaded.model.state_dict().items()}
+    state = loaded.model.state_dict()
     cache = loaded.cache.to_bytes() if loaded.cache is not None else None
     composition = composition_entry(loaded.model)
     payload = build_payload(loaded.config.to_dict(), state, loaded.tokenizer.model_proto, rule,

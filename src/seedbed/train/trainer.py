@@ -10,6 +10,7 @@ tokens trained but left out of tokens/s and MFU.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -29,7 +30,7 @@ from seedbed.data import load_dataset
 from seedbed.errors import UserError
 from seedbed.eval import evaluate_bpb
 from seedbed.fileio import atomic_write_bytes, atomic_write_text
-from seedbed.hardware import fast_bf16
+from seedbed.hardware import fast_bf16, release_free_heap
 from seedbed.model import LM, count_parameters
 from seedbed.model.depths import depth_routing_metrics
 from seedbed.model.moe import routing_metrics
@@ -174,6 +175,8 @@ class Trainer:
         self.model = LM(cfg.model).to(self.device)
         if tcfg.init_from and self.checkpoint is None:
             self.initialise_from(tcfg.init_from)
+        if tcfg.trainable == "lora":
+            freeze_all_but_adapters(self.model)
         self.optimizers = build_optimizers(self.model, tcfg)
         self.grad_filter = GradFilter.from_config(tcfg)
         self.data_rng = torch.Generator().manual_seed(tcfg.seed)
@@ -223,6 +226,7 @@ class Trainer:
     def save(self) -> None:
         if not self.dist.main:
             return
+        release_free_heap()  # the checkpoint's copies go into freed pages, not on top of training's peak
         tensors = {f"model.{k}": v for k, v in self.model.state_dict().items()}
         opt_tensors, groups = optimizer_tensors(self.optimizers)
         tensors.update(opt_tensors)
@@ -362,11 +366,15 @@ class Trainer:
         from seedbed.runs import load
 
         seed = load(source)
-        if not isinstance(seed.model, LM) or seed.model.cfg != self.model.cfg:
+        if not isinstance(seed.model, LM) or without_adapters(seed.model.cfg) != without_adapters(self.model.cfg):
             raise UserError(f"train.init_from: {source} is not this run's model (its [model] config differs)")
         if seed.tokenizer.model_proto != self.data.tokenizer.model_proto:
             raise UserError(f"train.init_from: {source} was trained with another tokenizer than this run's")
-        self.model.load_state_dict(seed.model.state_dict())
+        # Adapters this run adds (LoRA fine-tuning) start fresh; every other tensor is the seed's.
+        missing, unexpected = self.model.load_state_dict(seed.model.state_dict(), strict=False)
+        if unexpected or any(not is_adapter(name) for name in missing):
+            raise UserError(f"train.init_from: {source} does not fit this run's model "
+                            f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
 
     def sync_clock(self) -> None:
         """All ranks follow rank 0's clock, so they agree on the lr and on when to stop."""
@@ -433,6 +441,7 @@ class Trainer:
 
     def periodic_eval(self) -> None:
         if self.dist.main:
+            release_free_heap()
             result = self.evaluate(self.cfg.train.eval_tokens)
             self.last_val_bpb = result.bpb
             self.log({"step": self.step, "val_bpb_partial": result.bpb, "val_tokens": result.tokens,
@@ -516,6 +525,33 @@ class Trainer:
         return TrainResult(self.run_dir, self.step, self.tokens_seen, self.train_seconds, self.warmup_seconds,
                            val_bpb, tok_s, self.mfu(tok_s), count_parameters(self.model), accuracy,
                            self.val_bpb_cache)
+
+
+def is_adapter(name: str) -> bool:
+    return name.rsplit(".", 1)[-1] in ("lora_down", "lora_up")
+
+
+def without_adapters(cfg):
+    """The model config with every linear's ``lora_rank`` removed: what a LoRA fine-tune must share with its base."""
+    values = dataclasses.asdict(cfg)
+
+    def strip(value):
+        if isinstance(value, dict):
+            return {key: strip(inner) for key, inner in value.items() if key != "lora_rank"}
+        if isinstance(value, list):
+            return [strip(inner) for inner in value]
+        return value
+    return strip(values)
+
+
+def freeze_all_but_adapters(model: torch.nn.Module) -> None:
+    """``train.trainable = lora``: only the LoRA adapters take gradients."""
+    adapters = 0
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad_(is_adapter(name))
+        adapters += is_adapter(name)
+    if not adapters:
+        raise UserError("train.trainable=lora needs LoRA adapters: set model.linear.lora_rank (bitlinear linears)")
 
 
 def gather_caches(mine: NgramCache, device: torch.device) -> list[NgramCache]:
