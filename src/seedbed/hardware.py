@@ -93,14 +93,3 @@ def return_large_frees_to_the_system(threshold: int = 128 * 1024) -> bool:
     except (OSError, AttributeError):
         return False
 
-
-def release_free_heap() -> None:
-    """Hand the heap's free pages back to the system (glibc ``malloc_trim``; nothing elsewhere).
-
-    Training leaves the heap at its high-water mark, mostly free blocks; a checkpoint or an
-    evaluation allocating on top of that would count both. A no-op where there is no glibc.
-    """
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass

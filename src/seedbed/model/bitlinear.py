@@ -47,7 +47,8 @@ LoRA (``lora_rank`` r > 0): y = BitLinear(x) + (x A^T) B, with A (r, in) Gaussia
 std 1/sqrt(in) and B (r, out) zero, so an adapted layer starts as the ternary one. ``seedbed
 train --from ARTIFACT`` trains only A and B on a user's text (``train.trainable = "lora"``):
 the trits and their scale stay exactly those of the artifact, and packing writes them as
-the same bytes with the adapters (int8 by the default rule) beside them.
+the same bytes with the adapters beside them (declared int8: the default rule would keep
+such small tensors in fp16).
 
 Inference. With gradients off and the module in eval mode, the trits are cached in the
 form the fastest kernel this machine runs wants, rebuilt when the weight's version counter
@@ -77,8 +78,8 @@ from torch import nn
 
 from seedbed.model.layers import initial_weight
 from seedbed.model.packed_ternary import INT8_MATMUL_ON_CPU, load_kernel, pack_trits, packed_ternary_linear
-from seedbed.perf import Flops, matmul_flops
 from seedbed.errors import UserError
+from seedbed.perf import Flops, matmul_flops
 from seedbed.registry import LINEARS, require
 
 SCALE_FLOOR = 1e-12  # floor of the weight scale γ and of a token's absmax a; matches the ternary storage kind
@@ -125,8 +126,6 @@ def ternary_matmul_int8(levels: torch.Tensor, step: torch.Tensor, trits_int8: to
     # The transposed view (column-major trits) is the layout the CPU kernel runs fastest on.
     sums = torch._int_mm(rows, trits_int8.t())
     return sums.reshape(*levels.shape[:-1], trits_int8.shape[0]) * (step * scale)  # int32 sums < 2^24: exact
-
-
 
 
 def quantised_values(x: torch.Tensor, norm: bool, bits: int) -> torch.Tensor:

@@ -30,7 +30,7 @@ from seedbed.data import load_dataset
 from seedbed.errors import UserError
 from seedbed.eval import evaluate_bpb
 from seedbed.fileio import atomic_write_bytes, atomic_write_text
-from seedbed.hardware import fast_bf16, release_free_heap
+from seedbed.hardware import fast_bf16
 from seedbed.model import LM, count_parameters
 from seedbed.model.depths import depth_routing_metrics
 from seedbed.model.moe import routing_metrics
@@ -226,7 +226,6 @@ class Trainer:
     def save(self) -> None:
         if not self.dist.main:
             return
-        release_free_heap()  # the checkpoint's copies go into freed pages, not on top of training's peak
         tensors = {f"model.{k}": v for k, v in self.model.state_dict().items()}
         opt_tensors, groups = optimizer_tensors(self.optimizers)
         tensors.update(opt_tensors)
@@ -441,7 +440,6 @@ class Trainer:
 
     def periodic_eval(self) -> None:
         if self.dist.main:
-            release_free_heap()
             result = self.evaluate(self.cfg.train.eval_tokens)
             self.last_val_bpb = result.bpb
             self.log({"step": self.step, "val_bpb_partial": result.bpb, "val_tokens": result.tokens,
