@@ -297,6 +297,15 @@ def test_germinator_10b_preset_is_ten_billion_virtual_parameters_in_under_a_mega
     assert seeds.keys() == reloaded.keys() and all(torch.equal(reloaded[name], seeds[name]) for name in seeds)
 
 
+def test_measured_peak_is_the_commands_own_not_its_parents():
+    """Linux starts a forked child's ru_maxrss at its parent's size; the trampoline keeps a large test
+    worker's memory out of the measurement."""
+    parent = torch.ones(1536 * 2**20 // 4)  # 1.5 GiB, touched
+    measured = run_measured(["presets"])
+    assert measured.returncode == 0 and "mixkabrn" in measured.stdout
+    assert 0 < measured.peak_mib < 1024 < parent.nbytes / 2**20
+
+
 def test_fine_tuning_an_artifact_trains_lora_adapters_only_and_lowers_bpb_on_the_new_text(tmp_path, small_corpus):
     """``seedbed train --from ARTIFACT``: the base's weights stay bit-identical (in the run and, for the
     ternary ones, in the packed result), the adapters are packed beside them, and the new text scores better."""
