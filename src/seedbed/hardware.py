@@ -92,4 +92,3 @@ def return_large_frees_to_the_system(threshold: int = 128 * 1024) -> bool:
         return bool(libc.mallopt(M_MMAP_THRESHOLD, threshold))
     except (OSError, AttributeError):
         return False
-

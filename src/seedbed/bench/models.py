@@ -320,14 +320,11 @@ def phase_peaks(preset: str, minutes: float, workdir: Path) -> tuple[dict[str, f
 
 def kernel_decode_rows(artifact: Path) -> dict[str, dict[int, float]]:
     """Decode tokens/s at batch 1 of one artifact on each BitLinear kernel this machine runs."""
-    from seedbed.model.bitlinear import use_kernel
-    from seedbed.model.packed_ternary import INT8_MATMUL_ON_CPU, load_kernel
+    from seedbed.model.bitlinear import available_kernels, use_kernel
 
     model = load_artifact(artifact).model
-    kernels = [name for name, runs in (("packed", load_kernel() is not None), ("int8", INT8_MATMUL_ON_CPU),
-                                       ("float", True)) if runs]
     rows = {}
-    for kernel in kernels:
+    for kernel in available_kernels():
         use_kernel(model, kernel)
         rows[kernel] = {context: decode_speed(model, context)[0] for context in DECODE_CONTEXTS}
     use_kernel(model, None)

@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from torch.utils import benchmark
 
 from seedbed.hardware import cpu_has_fast_bf16
-from seedbed.model.bitlinear import (INT8_MATMUL_ON_CPU, BitLinear, quantise_activations, root_mean_square,
-                                     ternarise, ternary_matmul_int8, ternary_matmul_reference)
+from seedbed.model.bitlinear import (INT8_MATMUL_ON_CPU, BitLinear, quantise_activations, ternarise,
+                                     ternary_matmul_int8, ternary_matmul_reference)
 from seedbed.model.packed_ternary import load_kernel, pack_trits, packed_ternary_linear
 
 
@@ -34,8 +34,7 @@ def bench_ternary_matmul(shapes: list[tuple[int, int]], min_run_time: float = 0.
         x_bf16, dense_bf16 = x.bfloat16(), dense.bfloat16()
 
         def int8_layer():
-            levels, step = quantise_activations(x, 8)
-            return ternary_matmul_int8(levels, step / root_mean_square(x), trits_int8, scale)
+            return ternary_matmul_int8(*layer.quantised_input(x), trits_int8, scale)
 
         candidates = {
             "fp32_dense": lambda: F.linear(x, dense),

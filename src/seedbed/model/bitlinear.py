@@ -77,7 +77,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from seedbed.model.layers import initial_weight
-from seedbed.model.packed_ternary import INT8_MATMUL_ON_CPU, load_kernel, pack_trits, packed_ternary_linear
+from seedbed.model.packed_ternary import load_kernel, pack_trits, packed_ternary_linear
 from seedbed.errors import UserError
 from seedbed.perf import Flops, matmul_flops
 from seedbed.registry import LINEARS, require
@@ -126,6 +126,18 @@ def ternary_matmul_int8(levels: torch.Tensor, step: torch.Tensor, trits_int8: to
     # The transposed view (column-major trits) is the layout the CPU kernel runs fastest on.
     sums = torch._int_mm(rows, trits_int8.t())
     return sums.reshape(*levels.shape[:-1], trits_int8.shape[0]) * (step * scale)  # int32 sums < 2^24: exact
+
+
+def int8_matmul_works() -> bool:
+    """Whether ``torch._int_mm`` exists and runs on the CPU in this torch build."""
+    try:
+        ones = torch.ones(1, 8, dtype=torch.int8)
+        return int(torch._int_mm(ones, ones.t())) == 8
+    except (AttributeError, RuntimeError):
+        return False
+
+
+INT8_MATMUL_ON_CPU = int8_matmul_works()
 
 
 def quantised_values(x: torch.Tensor, norm: bool, bits: int) -> torch.Tensor:
@@ -257,8 +269,7 @@ class BitLinear(nn.Module):
         key = (weight._version, weight.data_ptr(), weight.device, self.pinned_kernel)
         if key != self._cache_key or self._cache is None:
             integer = bool(self.activation_bits) and weight.device.type == "cpu"
-            self.kernel = self.pinned_kernel or ("packed" if integer and load_kernel() is not None else
-                                                 "int8" if integer and INT8_MATMUL_ON_CPU else "float")
+            self.kernel = self.pinned_kernel or (available_kernels()[0] if integer else "float")
             with torch.no_grad():
                 trits, scale = ternarise(weight.float())
                 stored = {"packed": lambda: pack_trits(trits), "int8": lambda: trits.to(torch.int8),
@@ -280,13 +291,17 @@ class BitLinear(nn.Module):
         return matmul(levels, step, trits, scale).to(x.dtype)
 
 
-KERNELS = ("packed", "int8", "float")
+def available_kernels() -> list[str]:
+    """The kinds of BitLinear inference this machine runs, fastest first (``packed`` needs AVX2 and a
+    C compiler, ``int8`` a torch whose ``_int_mm`` runs on the CPU)."""
+    return [kernel for kernel, runs in (("packed", load_kernel() is not None), ("int8", INT8_MATMUL_ON_CPU),
+                                        ("float", True)) if runs]
 
 
 def use_kernel(model: nn.Module, kernel: str | None) -> None:
-    """Run every BitLinear of ``model`` on ``kernel`` (one of ``KERNELS``; None: the fastest available)."""
-    if kernel == "packed" and load_kernel() is None:
-        raise UserError("the packed ternary kernel is not available here (it needs AVX2 and a C compiler)")
+    """Run every BitLinear of ``model`` on ``kernel`` (one of ``available_kernels()``; None: the fastest)."""
+    if kernel is not None and kernel not in available_kernels():
+        raise UserError(f"the {kernel} ternary kernel does not run here (available: {', '.join(available_kernels())})")
     for module in model.modules():
         if isinstance(module, BitLinear):
             module.pinned_kernel = kernel

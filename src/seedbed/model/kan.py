@@ -157,19 +157,22 @@ class GaussianBases(torch.autograd.Function):
         return z.mul_(bases).mul_(grad).sum(-1).mul_(-2 / ctx.width), None, None
 
 
+def rbf_grid(x: torch.Tensor, grid_min: float, grid_max: float,
+             grid_size: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """x in at least float32, the Gaussians' centres (evenly from min to max) and their width."""
+    x = x.to(torch.promote_types(x.dtype, torch.float32))
+    centres = torch.linspace(grid_min, grid_max, grid_size, device=x.device, dtype=x.dtype)
+    return x, centres, (grid_max - grid_min) / (grid_size - 1)
+
+
 def rbf_bases(x: torch.Tensor, grid_min: float, grid_max: float, grid_size: int) -> torch.Tensor:
     """(..., d) -> (..., d, grid_size), at least float32: Gaussians centred evenly over the grid."""
-    x = x.to(torch.promote_types(x.dtype, torch.float32))
-    width = (grid_max - grid_min) / (grid_size - 1)
-    centres = torch.linspace(grid_min, grid_max, grid_size, device=x.device, dtype=x.dtype)
-    return GaussianBases.apply(x, centres, width)
+    return GaussianBases.apply(*rbf_grid(x, grid_min, grid_max, grid_size))
 
 
 def reference_rbf_bases(x: torch.Tensor, grid_min: float, grid_max: float, grid_size: int) -> torch.Tensor:
     """``rbf_bases`` through autograd, one op at a time."""
-    x = x.to(torch.promote_types(x.dtype, torch.float32))
-    width = (grid_max - grid_min) / (grid_size - 1)
-    centres = torch.linspace(grid_min, grid_max, grid_size, device=x.device, dtype=x.dtype)
+    x, centres, width = rbf_grid(x, grid_min, grid_max, grid_size)
     return torch.exp(-((x.unsqueeze(-1) - centres) / width).square())
 
 

@@ -67,11 +67,11 @@ def load_kernel() -> ctypes.CDLL | None:
     """The compiled kernel for this machine, built once into the cache folder; None where that fails
     or the build has no vector path (the int8 path is then faster)."""
     source = resources.files("seedbed.model").joinpath(SOURCE).read_bytes()
-    cc = compiler()
-    if cc is None or not {"avx2", "fma"} <= cpu_flags():
+    cc, machine = compiler(), cpu_flags()
+    if cc is None or not {"avx2", "fma"} <= machine:
         return None
     flags = ["-O3", "-march=native", "-shared", "-fPIC"]
-    key = hashlib.sha256(source + " ".join([cc, *flags, *sorted(cpu_flags())]).encode()).hexdigest()[:16]
+    key = hashlib.sha256(source + " ".join([cc, *flags, *sorted(machine)]).encode()).hexdigest()[:16]
     library = cache_dir() / "kernels" / f"ternary-{key}.so"
     if not library.exists():
         library.parent.mkdir(parents=True, exist_ok=True)
@@ -94,18 +94,6 @@ def load_kernel() -> ctypes.CDLL | None:
                                               ctypes.c_int64, ctypes.c_int64, ctypes.c_float, ctypes.c_float,
                                               ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
     return kernel
-
-
-def int8_matmul_works() -> bool:
-    """Whether ``torch._int_mm`` exists and runs on the CPU in this torch build."""
-    try:
-        ones = torch.ones(1, 8, dtype=torch.int8)
-        return int(torch._int_mm(ones, ones.t())) == 8
-    except (AttributeError, RuntimeError):
-        return False
-
-
-INT8_MATMUL_ON_CPU = int8_matmul_works()
 
 
 def packed_ternary_linear(x: torch.Tensor, codes: torch.Tensor, in_features: int, scale: float, bits: int,

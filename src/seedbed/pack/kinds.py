@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from seedbed.errors import UserError
+from seedbed.model.bitlinear import ternarise
 
 
 @dataclass(frozen=True)
@@ -152,8 +153,6 @@ def encode_ternary(t: torch.Tensor, options: dict) -> tuple[bytes, dict]:
     """BitNet b1.58 absmean, by BitLinear's own quantiser (so both pick the same trits): scale = mean |w|,
     trits = round(w / scale) clipped to [-1, 1]; a tensor already on a ternary grid (a weight decoded
     from an artifact) stores its own signs and magnitude, so re-packing writes the same bytes."""
-    from seedbed.model.bitlinear import ternarise  # the model imports this module's registry users lazily too
-
     trits, scale = ternarise(t.detach().float())
     trits = trits.to(torch.int32).reshape(-1) + 1
     digits = trits.numpy().astype(np.uint32)

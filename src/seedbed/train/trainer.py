@@ -529,17 +529,18 @@ def is_adapter(name: str) -> bool:
     return name.rsplit(".", 1)[-1] in ("lora_down", "lora_up")
 
 
-def without_adapters(cfg):
-    """The model config with every linear's ``lora_rank`` removed: what a LoRA fine-tune must share with its base."""
-    values = dataclasses.asdict(cfg)
+def without_adapters(cfg) -> dict:
+    """The model config with every linear spec's ``lora_rank`` removed: what a LoRA fine-tune must share
+    with its base. A component spec is a dict with a ``kind``; a block's own ``lora_rank`` (per-use
+    LoRA of shared parts, Zamba2) is part of the model and stays."""
 
     def strip(value):
         if isinstance(value, dict):
-            return {key: strip(inner) for key, inner in value.items() if key != "lora_rank"}
+            return {key: strip(inner) for key, inner in value.items() if not (key == "lora_rank" and "kind" in value)}
         if isinstance(value, list):
             return [strip(inner) for inner in value]
         return value
-    return strip(values)
+    return strip(dataclasses.asdict(cfg))
 
 
 def freeze_all_but_adapters(model: torch.nn.Module) -> None:
