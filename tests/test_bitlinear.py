@@ -11,8 +11,10 @@ from seedbed.errors import UserError
 from seedbed.model import LM
 from seedbed.bench.ternary import bench_ternary_matmul
 from seedbed.hardware import cpu_has_fast_bf16
-from seedbed.model.bitlinear import (INT8_MATMUL_ON_CPU, BitLinear, quantise_activations, root_mean_square,
-                                     ternarise, ternary_matmul_int8, ternary_matmul_reference, use_kernel)
+from seedbed.model.bitlinear import (INT8_MATMUL_ON_CPU, BitLinear, norm_backward, quantise_activations,
+                                     quantised_values, reference_norm_backward, reference_quantised_values,
+                                     root_mean_square, ternarise, ternary_matmul_int8, ternary_matmul_reference,
+                                     use_kernel)
 from seedbed.model.packed_ternary import load_kernel, pack_trits, packed_ternary_linear, padded_width, unpack_trits
 from seedbed.model.layers import DenseLinear
 from seedbed.pack.artifact import QuantRule, read_artifact
@@ -111,10 +113,37 @@ def test_fused_straight_through_equals_the_autograd_reference(norm, bits, autoca
         (y.float() * grad_out).sum().backward()
         results.append((y, x.grad, layer.weight.grad))
     (y, dx, dw), (y_ref, dx_ref, dw_ref) = results
-    assert y.dtype == y_ref.dtype and torch.equal(y, y_ref)
+    assert y.dtype == y_ref.dtype
+    if norm and bits and load_kernel() is not None:  # the compiled quantiser sums the rms in its own order
+        torch.testing.assert_close(y, y_ref, rtol=1e-2 if autocast else 1e-6, atol=1e-6)
+    else:
+        assert torch.equal(y, y_ref)
     tolerance = 1e-2 if autocast else 1e-5  # bf16 gradients round at 8 bits, in either order of operations
     torch.testing.assert_close(dx, dx_ref, rtol=tolerance, atol=tolerance)
     torch.testing.assert_close(dw, dw_ref, rtol=tolerance, atol=tolerance)
+
+
+@pytest.mark.skipif(load_kernel() is None, reason="the compiled kernel needs AVX2 and a C compiler")
+@pytest.mark.parametrize("shape", [(3, 77), (1, 5), (0, 16), (517, 768), (2, 300, 129)])  # 517 rows: split over threads
+def test_compiled_training_quantiser_and_norm_backward_equal_their_references(shape):
+    """The same levels; with the norm the rms is summed in the kernel's order (an ulp or two)."""
+    x = 3 * torch.randn(*shape, generator=torch.Generator().manual_seed(sum(shape)))
+    grad = torch.randn(*shape)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(3)  # the kernel splits rows over torch's threads: uneven ranges, whatever this machine has
+    try:
+        for bits in (8, 4):
+            assert torch.equal(quantised_values(x, False, bits), reference_quantised_values(x, False, bits))
+            torch.testing.assert_close(quantised_values(x, True, bits), reference_quantised_values(x, True, bits),
+                                       rtol=5e-7, atol=0)
+        torch.testing.assert_close(norm_backward(x, grad.clone()), reference_norm_backward(x, grad),
+                                   rtol=1e-6, atol=1e-6)
+    finally:
+        torch.set_num_threads(threads)
+    # Against the norm's own autograd, so the reference is checked too.
+    leaf = x.clone().requires_grad_()
+    (F.rms_norm(leaf, (shape[-1],), None, 1e-6) * grad).sum().backward()
+    torch.testing.assert_close(reference_norm_backward(x, grad), leaf.grad, rtol=1e-5, atol=1e-6)
 
 
 def test_zero_init_gives_zero_outputs_and_live_gradients():

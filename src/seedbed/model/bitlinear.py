@@ -77,6 +77,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from seedbed.model.layers import initial_weight
+from seedbed.model import packed_ternary
 from seedbed.model.packed_ternary import load_kernel, pack_trits, packed_ternary_linear
 from seedbed.errors import UserError
 from seedbed.perf import Flops, matmul_flops
@@ -140,13 +141,37 @@ def int8_matmul_works() -> bool:
 INT8_MATMUL_ON_CPU = int8_matmul_works()
 
 
-def quantised_values(x: torch.Tensor, norm: bool, bits: int) -> torch.Tensor:
+def reference_quantised_values(x: torch.Tensor, norm: bool, bits: int) -> torch.Tensor:
     """x_q in float32: L · step (the quantised normed input), or the normed input itself at ``bits = 0``."""
     x = x.float()
     if not bits:
         return F.rms_norm(x, (x.shape[-1],), None, NORM_EPS) if norm else x
     levels, step = quantise_activations(x, bits)
     return levels * (step / root_mean_square(x) if norm else step)
+
+
+def quantised_values(x: torch.Tensor, norm: bool, bits: int) -> torch.Tensor:
+    """``reference_quantised_values``, in one compiled call where the kernel runs (the same levels; the
+    rms summed in the kernel's order)."""
+    if bits and x.device.type == "cpu" and load_kernel() is not None:
+        return packed_ternary.quantised_values(x.float(), bits, norm)
+    return reference_quantised_values(x, norm, bits)
+
+
+def reference_norm_backward(x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """dL/dx of the parameter-free RMSNorm x̂ = x / rms(x), given dL/dx̂ (float32)."""
+    x = x.float()
+    inverse_rms = torch.rsqrt(x.square().mean(-1, keepdim=True) + NORM_EPS)
+    normed = x * inverse_rms
+    return (grad - normed * (grad * normed).mean(-1, keepdim=True)) * inverse_rms
+
+
+def norm_backward(x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """``reference_norm_backward``, in place on ``grad`` (float32, contiguous, this call's own) through the
+    compiled kernel where it runs."""
+    if x.device.type == "cpu" and load_kernel() is not None:
+        return packed_ternary.norm_backward_(x.float(), grad)
+    return reference_norm_backward(x, grad)
 
 
 class TernaryStraightThrough(torch.autograd.Function):
@@ -171,12 +196,9 @@ class TernaryStraightThrough(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         trits, scale = ternarise(weight.detach())
         grad = grad.to(ctx.dtype)
-        grad_normed = (grad @ (trits * scale).to(ctx.dtype)).float()
+        grad_normed = (grad @ (trits * scale).to(ctx.dtype)).float().contiguous()
         if ctx.norm:
-            x32 = x.float()
-            inverse_rms = torch.rsqrt(x32.square().mean(-1, keepdim=True) + NORM_EPS)
-            normed = x32 * inverse_rms
-            grad_normed = (grad_normed - normed * (grad_normed * normed).mean(-1, keepdim=True)) * inverse_rms
+            grad_normed = norm_backward(x, grad_normed)
         grad_weight = None
         if ctx.needs_input_grad[1]:  # a frozen base (LoRA fine-tuning) needs no weight gradient
             rows = grad.reshape(-1, grad.shape[-1])

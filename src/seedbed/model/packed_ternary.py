@@ -15,6 +15,11 @@ int32 sums sum_i c_i L_i - sum_i L_i = sum_i t_i L_i and y = sums * step * scale
 integer sums are bit-identical to ``bitlinear.ternary_matmul_reference``; the rms, summed in the
 kernel's own fixed order, may differ from torch's in the last bit. Where no compiler is found, or
 the CPU has no AVX2, BitLinear keeps its int8 path.
+
+The same library serves training: ``quantised_values`` (the STE's forward values L · step, two
+passes over each row where torch's eager form makes eight) and ``norm_backward_`` (the RMSNorm's
+Jacobian applied to a gradient), each split by rows over torch's thread count (ctypes releases the
+GIL). ``bitlinear`` holds their torch references and uses these where the kernel loads.
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ import os
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from functools import cache
 from importlib import resources
 from pathlib import Path
@@ -36,6 +43,7 @@ from seedbed.hardware import cpu_flags
 
 BLOCK = 128  # weights per 32-byte block of codes
 SOURCE = "ternary_kernel.c"
+ROWS_PER_THREAD = 64  # below this many rows a thread costs more than it saves
 
 
 def padded_width(in_features: int) -> int:
@@ -93,6 +101,11 @@ def load_kernel() -> ctypes.CDLL | None:
     kernel.seedbed_ternary_linear.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
                                               ctypes.c_int64, ctypes.c_int64, ctypes.c_float, ctypes.c_float,
                                               ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
+    kernel.seedbed_quantised_values.restype = None
+    kernel.seedbed_quantised_values.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_float,
+                                                ctypes.c_int, ctypes.c_void_p]
+    kernel.seedbed_norm_backward.restype = None
+    kernel.seedbed_norm_backward.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64]
     return kernel
 
 
@@ -107,3 +120,41 @@ def packed_ternary_linear(x: torch.Tensor, codes: torch.Tensor, in_features: int
     kernel.seedbed_ternary_linear(rows.data_ptr(), m, in_features, codes.data_ptr(), n, width, scale,
                                   float(2 ** (bits - 1) - 1), int(norm), levels.data_ptr(), out.data_ptr())
     return out.view(*x.shape[:-1], n)
+
+
+@cache
+def thread_pool(workers: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="seedbed-kernel")
+
+
+def over_rows(m: int, run: Callable[[int, int], None]) -> None:
+    """run(first, count) on consecutive row ranges covering m rows, one range per torch thread."""
+    workers = max(1, min(torch.get_num_threads(), m // ROWS_PER_THREAD))
+    if workers == 1:
+        run(0, m)
+        return
+    bounds = [m * i // workers for i in range(workers + 1)]
+    list(thread_pool(workers).map(lambda i: run(bounds[i], bounds[i + 1] - bounds[i]), range(workers)))
+
+
+def quantised_values(x: torch.Tensor, bits: int, norm: bool) -> torch.Tensor:
+    """(..., k) float32 CPU -> L · step [/ rms(x)] per row (``bitlinear.reference_quantised_values``)."""
+    kernel, k = load_kernel(), x.shape[-1]
+    rows = x.reshape(-1, k).contiguous()
+    out = torch.empty_like(rows)
+    size = rows.element_size() * k
+    levels_max = float(2 ** (bits - 1) - 1)
+    over_rows(rows.shape[0], lambda first, count: kernel.seedbed_quantised_values(
+        rows.data_ptr() + first * size, count, k, levels_max, int(norm), out.data_ptr() + first * size))
+    return out.view(x.shape)
+
+
+def norm_backward_(x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """The parameter-free RMSNorm's backward, in place on a contiguous float32 CPU ``grad``
+    (``bitlinear.reference_norm_backward``)."""
+    kernel, k = load_kernel(), x.shape[-1]
+    rows, out = x.reshape(-1, k).contiguous(), grad.view(-1, k)
+    size = rows.element_size() * k
+    over_rows(rows.shape[0], lambda first, count: kernel.seedbed_norm_backward(
+        rows.data_ptr() + first * size, out.data_ptr() + first * size, count, k))
+    return grad

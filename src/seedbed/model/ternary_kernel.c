@@ -43,17 +43,31 @@ int seedbed_kernel_isa(void) {
 #endif
 }
 
+/* max(max|x|, 1e-12) and sum(x^2) of one row, the squares summed in 8 lanes (i mod 8), then pairwise. */
+static inline void row_stats(const float *x, int64_t k, float *absmax, float *squares) {
+    float top[8] = {0}, lanes[8] = {0};
+    int64_t i = 0;
+    for (; i + 8 <= k; i += 8)
+        for (int j = 0; j < 8; j++) {
+            float v = x[i + j];
+            top[j] = fabsf(v) > top[j] ? fabsf(v) : top[j];
+            lanes[j] += v * v;
+        }
+    for (; i < k; i++) {
+        top[i & 7] = fabsf(x[i]) > top[i & 7] ? fabsf(x[i]) : top[i & 7];
+        lanes[i & 7] += x[i] * x[i];
+    }
+    float a = 0.0f;
+    for (int j = 0; j < 8; j++) a = top[j] > a ? top[j] : a;
+    *absmax = a < 1e-12f ? 1e-12f : a;
+    *squares = ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
+}
+
 /* Levels (int8, zero beyond k up to kp), their sum, and the step of one row of activations. */
 static void quantise_row(const float *x, int64_t k, int64_t kp, float levels_max, int norm,
                          int8_t *levels, int32_t *level_sum, float *step) {
-    float absmax = 0.0f;
-    float lanes[8] = {0};
-    for (int64_t i = 0; i < k; i++) {
-        float v = fabsf(x[i]);
-        absmax = v > absmax ? v : absmax;
-        lanes[i & 7] += x[i] * x[i];
-    }
-    if (absmax < 1e-12f) absmax = 1e-12f;
+    float absmax, squares;
+    row_stats(x, k, &absmax, &squares);
     float inverse = (1.0f / absmax) * levels_max;  /* torch computes the number / tensor levels_max / a so */
     int32_t sum = 0;
     for (int64_t i = 0; i < k; i++) {
@@ -64,9 +78,40 @@ static void quantise_row(const float *x, int64_t k, int64_t kp, float levels_max
     memset(levels + k, 0, (size_t)(kp - k));
     *level_sum = sum;
     *step = absmax / levels_max;
-    if (norm) {
-        float total = ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
-        *step = *step / sqrtf(total / (float)k + 1e-6f);
+    if (norm) *step = *step / sqrtf(squares / (float)k + 1e-6f);
+}
+
+/* Training's straight-through forward values for x (m, k): out = L * step, the step divided by
+ * rms(x) with the norm (bitlinear.quantised_values, two passes over x instead of torch's eight). */
+void seedbed_quantised_values(const float *x, int64_t m, int64_t k, float levels_max, int norm, float *out) {
+    for (int64_t r = 0; r < m; r++) {
+        const float *row = x + r * k;
+        float absmax, squares;
+        row_stats(row, k, &absmax, &squares);
+        float inverse = (1.0f / absmax) * levels_max;
+        float step = absmax / levels_max;
+        if (norm) step = step / sqrtf(squares / (float)k + 1e-6f);
+        float *o = out + r * k;
+        for (int64_t i = 0; i < k; i++) o[i] = nearbyintf(row[i] * inverse) * step;
+    }
+}
+
+/* The parameter-free RMSNorm's backward for x, g (m, k), in place on g:
+ * g <- (g - x̂ mean(g x̂)) / rms(x), x̂ = x / rms(x); mean(g x̂) = sum(g x) / (k rms). */
+void seedbed_norm_backward(const float *x, float *g, int64_t m, int64_t k) {
+    for (int64_t r = 0; r < m; r++) {
+        const float *row = x + r * k;
+        float *grad = g + r * k;
+        float absmax, squares, lanes[8] = {0};
+        row_stats(row, k, &absmax, &squares);
+        int64_t i = 0;
+        for (; i + 8 <= k; i += 8)
+            for (int j = 0; j < 8; j++) lanes[j] += grad[i + j] * row[i + j];
+        for (; i < k; i++) lanes[i & 7] += grad[i] * row[i];
+        float dot = ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
+        float inverse = 1.0f / sqrtf(squares / (float)k + 1e-6f);
+        float along = dot * inverse * inverse / (float)k;  /* mean(g x̂) / rms */
+        for (i = 0; i < k; i++) grad[i] = (grad[i] - row[i] * along) * inverse;
     }
 }
 
