@@ -354,3 +354,17 @@ def test_fine_tuning_refuses_a_model_without_ternary_linears(tiny_run, tmp_path,
     assert out.returncode == 2 and "not bitlinear" in out.stderr and not (tmp_path / "no").exists()
     missing = seedbed("train", "--from", str(artifact), "--steps", "1", "train.device=cpu")
     assert missing.returncode == 2 and "--data" in missing.stderr
+
+
+def test_preset_table_reports_each_budgets_gap_to_gpt():
+    from seedbed.bench.models import ModelRow, preset_lines
+
+    def row(label, bpb, steps):
+        return ModelRow(label, bpb + 0.01, bpb, 900_000, 1, 1, 5000.0, steps, steps * 4096, 700.0)
+    lines = preset_lines([(4.0, row("gpt 4 min", 2.05, 900), row("mixkabrn 4 min", 2.30, 400)),
+                          (10.0, row("gpt 10 min", 1.97, 2300), row("mixkabrn 10 min", 2.10, 1000))])
+    body = [[cell.strip() for cell in line.strip("|").split("|")] for line in lines[2:]]
+    assert [(cells[0], cells[1]) for cells in body] == [("4", "gpt"), ("4", "mixkabrn"), ("10", "gpt"),
+                                                          ("10", "mixkabrn")]
+    assert [cells[-1] for cells in body] == ["", "+0.2500", "", "+0.1300"]
+    assert body[1][4] == "2.3000" and body[3][2] == "1,000"

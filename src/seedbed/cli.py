@@ -211,11 +211,12 @@ def build_parser() -> argparse.ArgumentParser:
     calm.add_argument("-o", "--out", required=True, help="the artifact to write")
 
     bench = commands.add_parser("bench", help="benchmarks that write a table to BENCHMARKS.md")
-    bench.add_argument("suite", choices=("train", "codec", "seeds", "mixkabrn", "hybrid", "hourglass", "peer",
-                                          "grokfast", "architectures", "golf", "compose"))
+    bench.add_argument("suite", choices=("train", "codec", "seeds", "mixkabrn", "mixkabrn-presets", "hybrid",
+                                          "hourglass", "peer", "grokfast", "architectures", "golf", "compose"))
     bench.add_argument("--minutes", type=positive_float, default=10.0,
                        help="train: budget for the bpb row; seeds, mixkabrn, hybrid, hourglass, grokfast, "
-                            "architectures, golf: training budget of every model; compose: every row's total")
+                            "architectures, golf: training budget of every model; compose: every row's total; "
+                            "mixkabrn-presets (gpt and mixkabrn at 4 and 10 minutes): unused")
     bench.add_argument("--artifact", help="codec: the packed model to compress with")
     bench.add_argument("--variant", action="append", metavar="'NAME: key=value ...'",
                        help="train: a variant of the default preset to time and train beside the others (repeat)")
@@ -587,7 +588,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
     from seedbed.bench.grokfast import bench_grokfast
     from seedbed.bench.hourglass import bench_hourglass
     from seedbed.bench.hybrid import bench_hybrid
-    from seedbed.bench.models import bench_mixkabrn, bench_seeds
+    from seedbed.bench.models import bench_mixkabrn, bench_mixkabrn_presets, bench_seeds
     from seedbed.bench.peer import bench_peer
     from seedbed.bench.train import bench_codec, bench_train
 
@@ -599,6 +600,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
         bench_seeds(args.minutes, Path(args.output))
     elif args.suite == "mixkabrn":
         bench_mixkabrn(args.minutes, Path(args.output))
+    elif args.suite == "mixkabrn-presets":
+        bench_mixkabrn_presets(Path(args.output))
     elif args.suite == "hybrid":
         bench_hybrid(args.minutes, Path(args.output))
     elif args.suite == "hourglass":
