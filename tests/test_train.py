@@ -259,7 +259,7 @@ def test_mixkabrn_preset_trains_packs_evaluates_and_generates_in_1_gib_each_and_
     corpus.mkdir()
     for doc in load_documents("default")[:6]:  # 3 kB each: the preset scores slowly (the run and pack both do)
         (corpus / doc.name).write_bytes(doc.data[:3000])
-    # Six steps of 4 x 4 sequences (the allocator's high-water mark has settled by the third), with a
+    # Six steps of 2 x 16 sequences (the allocator's high-water mark has settled by the third), with a
     # periodic evaluation and a checkpoint on top of it, as any run longer than a minute has them.
     phases = {"train": ["train", "--preset", "mixkabrn", "--steps", "6", "--data", str(corpus), "--out", str(run),
                         "--no-progress", "train.device=cpu", "train.eval_every_steps=4",
