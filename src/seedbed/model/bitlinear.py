@@ -154,7 +154,7 @@ def quantised_values(x: torch.Tensor, norm: bool, bits: int) -> torch.Tensor:
     """``reference_quantised_values``, in one compiled call where the kernel runs (the same levels; the
     rms summed in the kernel's order)."""
     if bits and x.device.type == "cpu" and load_kernel() is not None:
-        return packed_ternary.quantised_values(x.float(), bits, norm)
+        return packed_ternary.quantised_values(x.float(), bits=bits, norm=norm)
     return reference_quantised_values(x, norm, bits)
 
 

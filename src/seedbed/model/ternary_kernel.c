@@ -43,6 +43,11 @@ int seedbed_kernel_isa(void) {
 #endif
 }
 
+/* Eight lane sums added pairwise: the one summation order of every row sum here. */
+static inline float lane_total(const float *lanes) {
+    return ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
+}
+
 /* max(max|x|, 1e-12) and sum(x^2) of one row, the squares summed in 8 lanes (i mod 8), then pairwise. */
 static inline void row_stats(const float *x, int64_t k, float *absmax, float *squares) {
     float top[8] = {0}, lanes[8] = {0};
@@ -60,15 +65,24 @@ static inline void row_stats(const float *x, int64_t k, float *absmax, float *sq
     float a = 0.0f;
     for (int j = 0; j < 8; j++) a = top[j] > a ? top[j] : a;
     *absmax = a < 1e-12f ? 1e-12f : a;
-    *squares = ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
+    *squares = lane_total(lanes);
+}
+
+/* The multiplier x -> level, (1 / a) Q (torch computes the number / tensor Q / a so), and the step a / Q,
+ * divided by rms(x) with the norm, of one row. */
+static inline void row_scales(const float *x, int64_t k, float levels_max, int norm, float *inverse, float *step) {
+    float absmax, squares;
+    row_stats(x, k, &absmax, &squares);
+    *inverse = (1.0f / absmax) * levels_max;
+    *step = absmax / levels_max;
+    if (norm) *step = *step / sqrtf(squares / (float)k + 1e-6f);
 }
 
 /* Levels (int8, zero beyond k up to kp), their sum, and the step of one row of activations. */
 static void quantise_row(const float *x, int64_t k, int64_t kp, float levels_max, int norm,
                          int8_t *levels, int32_t *level_sum, float *step) {
-    float absmax, squares;
-    row_stats(x, k, &absmax, &squares);
-    float inverse = (1.0f / absmax) * levels_max;  /* torch computes the number / tensor levels_max / a so */
+    float inverse;
+    row_scales(x, k, levels_max, norm, &inverse, step);
     int32_t sum = 0;
     for (int64_t i = 0; i < k; i++) {
         float level = nearbyintf(x[i] * inverse);  /* round half to even, as torch.round */
@@ -77,8 +91,6 @@ static void quantise_row(const float *x, int64_t k, int64_t kp, float levels_max
     }
     memset(levels + k, 0, (size_t)(kp - k));
     *level_sum = sum;
-    *step = absmax / levels_max;
-    if (norm) *step = *step / sqrtf(squares / (float)k + 1e-6f);
 }
 
 /* Training's straight-through forward values for x (m, k): out = L * step, the step divided by
@@ -86,11 +98,8 @@ static void quantise_row(const float *x, int64_t k, int64_t kp, float levels_max
 void seedbed_quantised_values(const float *x, int64_t m, int64_t k, float levels_max, int norm, float *out) {
     for (int64_t r = 0; r < m; r++) {
         const float *row = x + r * k;
-        float absmax, squares;
-        row_stats(row, k, &absmax, &squares);
-        float inverse = (1.0f / absmax) * levels_max;
-        float step = absmax / levels_max;
-        if (norm) step = step / sqrtf(squares / (float)k + 1e-6f);
+        float inverse, step;
+        row_scales(row, k, levels_max, norm, &inverse, &step);
         float *o = out + r * k;
         for (int64_t i = 0; i < k; i++) o[i] = nearbyintf(row[i] * inverse) * step;
     }
@@ -108,7 +117,7 @@ void seedbed_norm_backward(const float *x, float *g, int64_t m, int64_t k) {
         for (; i + 8 <= k; i += 8)
             for (int j = 0; j < 8; j++) lanes[j] += grad[i + j] * row[i + j];
         for (; i < k; i++) lanes[i & 7] += grad[i] * row[i];
-        float dot = ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
+        float dot = lane_total(lanes);
         float inverse = 1.0f / sqrtf(squares / (float)k + 1e-6f);
         float along = dot * inverse * inverse / (float)k;  /* mean(g x̂) / rms */
         for (i = 0; i < k; i++) grad[i] = (grad[i] - row[i] * along) * inverse;
