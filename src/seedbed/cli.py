@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -131,6 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     pack.add_argument("--budget", type=positive_int, help="fail unless the artifact fits in this many bytes")
     pack.add_argument("--eval-tokens", type=int, default=0, help="score bpb before/after on this many val tokens "
                       "(0: the whole val split; -1: skip)")
+    pack.add_argument("--report", metavar="FILE", help="also write the bytes and val bpb before and after packing "
+                      "as JSON (what seedbed sweep reads)")
 
     info = commands.add_parser("info", help="byte breakdown of an artifact")
     info.add_argument("artifact", metavar="ARTIFACT")
@@ -209,6 +212,22 @@ def build_parser() -> argparse.ArgumentParser:
     calm.add_argument("--batch-size", type=positive_int, default=16, help="sequences per step (default 16)")
     calm.add_argument("--quant", default="int8", help="the artifact's storage rule, as pack's --quant (default int8)")
     calm.add_argument("-o", "--out", required=True, help="the artifact to write")
+
+    sweep = commands.add_parser("sweep", help="run a sweep file's trials (configs x seeds, or an Optuna search), "
+                                "N at a time; run it again to resume")
+    sweep.add_argument("file", metavar="FILE.toml")
+    sweep.add_argument("--out", help="sweep folder (default: sweeps/NAME)")
+    sweep.add_argument("--storage", metavar="URL", help="the study's database as an SQLAlchemy URL, to share one "
+                       "study between workers on several machines (default: OUT/study.db, SQLite)")
+    sweep.add_argument("--parallel", type=positive_int, help="trials at a time in this worker (default: one per "
+                       "core, the cores' threads split between them)")
+    sweep.add_argument("--heartbeat", type=positive_int, default=30, metavar="SECONDS", help="a running trial's "
+                       "heartbeat; one silent for 3 of them (its worker died) is rerun (default 30)")
+
+    board = commands.add_parser("leaderboard", help="a sweep's trials by val bpb, with Pareto plots")
+    board.add_argument("sweep", metavar="SWEEP", help="the sweep folder")
+    board.add_argument("--storage", metavar="URL", help="the study's database, if not the folder's own")
+    board.add_argument("--markdown", metavar="FILE", help="also write the tables and plot links as Markdown")
 
     bench = commands.add_parser("bench", help="benchmarks that write a table to BENCHMARKS.md")
     bench.add_argument("suite", choices=("train", "codec", "seeds", "mixkabrn", "mixkabrn-presets", "hybrid",
@@ -360,6 +379,8 @@ def cmd_pack(args: argparse.Namespace) -> None:
     from seedbed.pack.pack import load_artifact, pack_model
     from seedbed.runs import load
 
+    if args.report and args.eval_tokens < 0:
+        raise UserError("--report writes the val bpb: it needs --eval-tokens >= 0")
     loaded = load(args.run)
     rule = QuantRule.parse(args.quant, args.clip_percentile, args.group)
     out = Path(args.out) if args.out else Path(args.run) / "model.seedbed"
@@ -375,6 +396,13 @@ def cmd_pack(args: argparse.Namespace) -> None:
                                                    use_cache=False).bpb, "recomputed"
         print(f"val bpb before packing {before:.4f} ({source})  after {after.bpb:.4f}  gap {after.bpb - before:+.4f}  "
               f"({after.tokens:,} tokens)")
+        if args.report:
+            from seedbed.fileio import atomic_write_text
+            from seedbed.hardware import describe_machine
+
+            report = {"artifact": str(out), "bytes": result.size, "quant": args.quant, "val_bpb": after.bpb,
+                      "val_bpb_before": before, "val_tokens": after.tokens, "machine": describe_machine()}
+            atomic_write_text(args.report, json.dumps(report, indent=1) + "\n")
         if packed.cache is not None:
             mixed = packed.evaluate_split(loaded.config.data.spec, "val", max_tokens=args.eval_tokens)
             print(f"val bpb of the packed model with its n-gram cache {mixed.bpb:.4f}")
@@ -574,6 +602,33 @@ def cmd_decompress(args: argparse.Namespace) -> None:
     print(f"{compressed} -> {args.out}: {len(data):,} bytes  {len(data) / max(stats.seconds, 1e-9):,.0f} bytes/s")
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from seedbed.sweep.leaderboard import SWEEP_RECORD
+    from seedbed.sweep.runner import Sweep, shareable_url
+    from seedbed.sweep.spec import read_sweep
+    from seedbed.fileio import atomic_write_text
+
+    spec = read_sweep(args.file)
+    folder = Path(args.out or Path("sweeps") / spec.name)
+    folder.mkdir(parents=True, exist_ok=True)
+    sweep = Sweep(spec, folder, args.storage, args.parallel or 0, args.heartbeat)
+    record = {"study": spec.name, "file": str(Path(args.file).resolve()), "storage": shareable_url(args.storage)}
+    atomic_write_text(folder / SWEEP_RECORD, json.dumps(record, indent=1) + "\n")
+    total = len(spec.planned) or spec.search.trials
+    print(f"sweep {spec.name}: {total} trials, {sweep.parallel} at a time, threads per trial: {sweep.threads}, "
+          f"study in {sweep.url}", file=sys.stderr)
+    counts = sweep.run()
+    ran = ", ".join(f"{n} {outcome}" for outcome, n in counts.items() if n) or "none (all were done)"
+    print(f"this worker's trials: {ran}; the table: seedbed leaderboard {folder}")
+    return 1 if counts["invalid"] or counts["crashed"] else 0
+
+
+def cmd_leaderboard(args: argparse.Namespace) -> None:
+    from seedbed.sweep.leaderboard import leaderboard
+
+    print(leaderboard(Path(args.sweep), args.storage, Path(args.markdown) if args.markdown else None), end="")
+
+
 def cmd_presets(args: argparse.Namespace) -> None:
     from seedbed.config import preset_description, preset_names
 
@@ -624,13 +679,14 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "export-shards": cmd_export_shards,
             "pack": cmd_pack, "info": cmd_info, "compress": cmd_compress, "decompress": cmd_decompress,
-            "presets": cmd_presets, "bench": cmd_bench, "compose": cmd_compose}
+            "presets": cmd_presets, "bench": cmd_bench, "compose": cmd_compose, "sweep": cmd_sweep,
+            "leaderboard": cmd_leaderboard}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        COMMANDS[args.command](args)
+        code = COMMANDS[args.command](args)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -640,4 +696,4 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
-    return 0
+    return code or 0

@@ -358,15 +358,21 @@ def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, A
         if "=" not in item:
             raise UserError(f"override {item!r} must look like section.key=value, e.g. train.lr=0.003")
         path, raw = item.split("=", 1)
-        keys = path.strip().split(".")
-        if len(keys) < 2 or not all(keys):
-            raise UserError(f"override key {path!r} must name a section and a key, e.g. model.d_model")
-        target = values
-        for key in keys[:-1]:
-            target = target.setdefault(key, {})
-            if not isinstance(target, dict):
-                raise UserError(f"override {path!r}: {key} is not a table")
-        target[keys[-1]] = parse_value(raw.strip())
+        set_value(values, path, parse_value(raw.strip()))
+    return values
+
+
+def set_value(values: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
+    """Set the dotted ``section.key`` in a nested config dict, creating tables on the way."""
+    keys = path.strip().split(".")
+    if len(keys) < 2 or not all(keys):
+        raise UserError(f"override key {path!r} must name a section and a key, e.g. model.d_model")
+    target = values
+    for key in keys[:-1]:
+        target = target.setdefault(key, {})
+        if not isinstance(target, dict):
+            raise UserError(f"override {path!r}: {key} is not a table")
+    target[keys[-1]] = value
     return values
 
 
