@@ -53,7 +53,8 @@ def test_a_grid_expands_to_every_combination_and_seed_and_bad_configs_keep_their
     spec = parse('[sweep]\npreset = "gpt"\nminutes = 1\nseeds = [1, 2]\n'
                  '[[configs]]\nname = "g"\ngrid = { "model.ffn.mult" = [2.0, 4.0], "model.n_layers" = [1, 2] }\n'
                  '[[configs]]\nname = "bad"\nset = { "model.nonsense" = 1 }\n'
-                 '[[configs]]\nname = "empty"\ngrid = { "model.d_model" = [] }\n')
+                 '[[configs]]\nname = "empty"\ngrid = { "model.d_model" = [] }\n'
+                 '[[configs]]\nname = "zamba"\npreset = "zamba"\nset = { "model.n_layers" = 4 }\n')
     good = [t for t in spec.planned if t.config.startswith("g[")]
     assert len(good) == 8 and len({t.key for t in spec.planned}) == len(spec.planned)
     assert {t.config for t in good} == {"g[mult=2.0,n_layers=1]", "g[mult=2.0,n_layers=2]",
@@ -61,6 +62,9 @@ def test_a_grid_expands_to_every_combination_and_seed_and_bad_configs_keep_their
     assert all(not t.error for t in good)
     config = spec.trial_config(good[0].settings, 2)
     assert config["train"]["seed"] == 2 and config["train"]["minutes"] == 1.0 and config["model"]["ffn"]["mult"] == 2.0
+    zamba = [t for t in spec.planned if t.config == "zamba"]
+    assert not zamba[0].error and spec.trial_config(zamba[0].settings, 1, zamba[0].preset)["model"]["pattern"] == \
+        ["default*3", "attn"] and spec.trial_config(zamba[0].settings, 1, zamba[0].preset)["model"]["n_layers"] == 4
     bad = {t.config: t.error for t in spec.planned if t.error}
     assert "nonsense" in bad["bad"] and bad["empty"] == "grid key 'model.d_model' has no values"
 

@@ -245,8 +245,10 @@ class Sweep:
                 continue
             planned = self.planned_by_key.get(trial.user_attrs["key"])
             if planned is None:  # enqueued by a worker whose sweep file planned more: run it as stored
-                planned = PlannedTrial(trial.user_attrs["key"], trial.user_attrs["config"], trial.user_attrs["seed"],
-                                       json.loads(trial.user_attrs["settings"]), trial.user_attrs["quant"])
+                attrs = trial.user_attrs
+                planned = PlannedTrial(attrs["key"], attrs["config"], attrs["seed"], json.loads(attrs["settings"]),
+                                       attrs["quant"], attrs.get("preset", ""))
+                planned.error = self.spec.check_trial(planned.settings, planned.seed, planned.preset)
             return Claimed(optuna.Trial(self.study, trial._trial_id), planned)
         return None
 
@@ -337,7 +339,7 @@ class Sweep:
         run_dir, config_path = self.folder / "runs" / name, self.folder / "configs" / f"{name}.toml"
         shutil.rmtree(run_dir, ignore_errors=True)  # what a killed earlier attempt left
         run_dir.mkdir(parents=True)
-        config = self.spec.trial_config(planned.settings, planned.seed)
+        config = self.spec.trial_config(planned.settings, planned.seed, planned.preset)
         config.setdefault("train", {})["threads"] = self.threads
         atomic_write_text(config_path, tomli_w.dumps(config))
         print(f"[trial {trial.number}] {planned.key}: training", file=self.log, flush=True)

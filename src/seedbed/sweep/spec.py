@@ -11,6 +11,7 @@
 
     [[configs]]                # a configuration, or a grid of them
     name = "kan"
+    preset = "mixkabrn"        # optional: its own base instead of [sweep]'s
     set = { "model.ffn" = { kind = "kan", basis = "rbf" } }
     grid = { "model.ffn.grid_size" = [4, 8] }   # every combination: kan[grid_size=4], kan[grid_size=8]
 
@@ -46,7 +47,7 @@ from seedbed.config import config_from_dict, read_config_file, read_preset, set_
 from seedbed.errors import UserError
 
 SWEEP_KEYS = {"preset", "config", "minutes", "steps", "seeds", "quant", "set", "name"}
-CONFIG_KEYS = {"name", "set", "grid", "quant"}
+CONFIG_KEYS = {"name", "set", "grid", "quant", "preset"}
 SEARCH_KEYS = {"trials", "sampler", "pruner", "space", "seed"}
 SAMPLERS = ("tpe", "random")
 PRUNERS = ("none", "median")
@@ -62,12 +63,13 @@ class PlannedTrial:
     seed: int
     settings: dict[str, Any]
     quant: str
+    preset: str = ""  # its own base preset ('': the sweep's base)
     error: str = ""  # why this trial cannot run (recorded as failed, without running)
 
     def attrs(self) -> dict[str, Any]:
         """What the study stores of it (Optuna user attributes: JSON values)."""
         return {"key": self.key, "config": self.config, "seed": self.seed, "quant": self.quant,
-                "settings": json.dumps(self.settings, sort_keys=True)}
+                "preset": self.preset, "settings": json.dumps(self.settings, sort_keys=True)}
 
 
 @dataclass
@@ -90,19 +92,19 @@ class SweepSpec:
     planned: list[PlannedTrial] = field(default_factory=list)
     search: Search | None = None
 
-    def trial_config(self, settings: dict[str, Any], seed: int) -> dict[str, Any]:
+    def trial_config(self, settings: dict[str, Any], seed: int, preset: str = "") -> dict[str, Any]:
         """The full config dict of a trial: base, settings, then the sweep's seed and budget."""
-        values = copy.deepcopy(self.base)
+        values = read_preset(preset) if preset else copy.deepcopy(self.base)
         for key, value in {**self.shared, **settings}.items():
             set_value(values, key, copy.deepcopy(value))
         for key, value in {"train.seed": seed, **self.budget}.items():
             set_value(values, key, value)
         return values
 
-    def check_trial(self, settings: dict[str, Any], seed: int) -> str:
+    def check_trial(self, settings: dict[str, Any], seed: int, preset: str = "") -> str:
         """'' if these settings make a valid config, else the config's own error message."""
         try:
-            config_from_dict(self.trial_config(settings, seed))
+            config_from_dict(self.trial_config(settings, seed, preset))
         except UserError as err:
             return str(err)
         return ""
@@ -171,6 +173,10 @@ def plan_config(spec: SweepSpec, entry: Any, where: str) -> list[PlannedTrial]:
             f"{where}: name must be letters, digits and _.+-, got {name!r}")
     quant = entry.get("quant", spec.quant)
     require(isinstance(quant, str) and quant, f"{where}.quant must be a string such as \"int4\"")
+    preset = entry.get("preset", "")
+    require(isinstance(preset, str), f"{where}.preset must be a preset's name")
+    if preset:
+        read_preset(preset)  # an unknown preset is the file's error: nothing of that name could run
     settings = settings_table(entry.get("set", {}), f"{where}.set")
     grid = settings_table(entry.get("grid", {}), f"{where}.grid")
     error = ""
@@ -187,8 +193,8 @@ def plan_config(spec: SweepSpec, entry: Any, where: str) -> list[PlannedTrial]:
         label = name + (f"[{point_label(point)}]" if point else "")
         merged = {**settings, **point}
         for seed in spec.seeds:
-            problem = error or spec.check_trial(merged, seed)
-            trials.append(PlannedTrial(f"{label}/seed{seed}", label, seed, merged, quant, problem))
+            problem = error or spec.check_trial(merged, seed, preset)
+            trials.append(PlannedTrial(f"{label}/seed{seed}", label, seed, merged, quant, preset, problem))
     return trials
 
 
