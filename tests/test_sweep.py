@@ -5,6 +5,7 @@ import json
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -216,6 +217,47 @@ def test_a_search_asks_optuna_for_its_trials_reports_each_evaluation_and_resumes
     again = seedbed("sweep", str(path), "--out", str(out), "--heartbeat", "1")
     assert again.returncode == 0 and "none (all were done)" in again.stdout
     assert sorted(trials_by_key(out)) == sorted(keys)
+
+
+def test_a_trial_worse_than_the_median_at_an_evaluation_is_stopped_there(tmp_path):
+    """The pruning path: a child that logs a hopeless val bpb is killed at that evaluation, not run out."""
+    import optuna
+    from optuna.distributions import FloatDistribution
+
+    from seedbed.sweep.runner import Stopped, Sweep
+
+    spec = parse('[sweep]\npreset = "gpt"\nsteps = 1\n[search]\ntrials = 9\npruner = "median"\n'
+                 'space = { "train.lr" = { low = 0.001, high = 0.01 } }\n')
+    sweep = Sweep(spec, tmp_path, heartbeat=1)
+    for value in (2.0, 2.1, 2.2):  # three finished trials, each 3.0 bpb at its first evaluation
+        sweep.study.add_trial(optuna.trial.create_trial(
+            value=value, params={"train.lr": 0.005}, distributions={"train.lr": FloatDistribution(0.001, 0.01)},
+            intermediate_values={0: 3.0}))
+    metrics = tmp_path / "metrics.jsonl"
+    def child(bpb: float) -> list[str]:
+        record = json.dumps({"step": 10, "val_bpb_partial": bpb})
+        return [sys.executable, "-c", f"import time; open({str(metrics)!r}, 'a').write({record!r} + '\\n'); time.sleep(60)"]
+
+    def run(bpb: float):
+        """The trial, and True if pruned, None if still running when the worker stopped it 5 s in."""
+        trial = sweep.study.ask({"train.lr": FloatDistribution(0.001, 0.01)})
+        metrics.unlink(missing_ok=True)
+        timer = threading.Timer(5.0, sweep.stop.set)
+        timer.start()
+        try:
+            code, pruned = sweep.child(child(bpb), tmp_path / "log", trial, metrics)
+            assert code != 0  # killed
+        except Stopped:
+            pruned = None
+        finally:
+            timer.cancel()
+            sweep.stop.clear()
+        return sweep.storage.get_trial(trial._trial_id), pruned
+
+    better, outcome = run(2.5)  # better than the median (3.0) at evaluation 0: reported, left running
+    assert outcome is None and better.intermediate_values == {0: 2.5}
+    worse, outcome = run(7.0)
+    assert outcome is True and worse.intermediate_values == {0: 7.0}
 
 
 def test_sweep_and_leaderboard_refuse_bad_input_in_one_line(tmp_path):

@@ -238,6 +238,7 @@ class Sweep:
                     continue  # another worker claimed it first
             except optuna.exceptions.UpdateFinishedTrialError:
                 continue
+            self.storage.record_heartbeat(trial._trial_id)  # at once: a trial without one never goes stale
             same_key = [t for t in self.trials() if t.user_attrs.get("key") == trial.user_attrs.get("key")]
             first_live = min((t.number for t in same_key if self.live(t)), default=trial.number)
             if any(self.settled(t) for t in same_key) or first_live != trial.number:
@@ -261,6 +262,7 @@ class Sweep:
         with warnings.catch_warnings():  # "heartbeat is meant for optimize()": ours comes from Heartbeat
             warnings.filterwarnings("ignore", message="Heartbeat of storage")
             trial = self.study.ask(fixed)
+        self.storage.record_heartbeat(trial._trial_id)
         earlier = sum(1 for t in started if t.number < trial.number)
         seed = self.spec.seeds[0]
         settings = {k: decode.get(k, {}).get(v, v) for k, v in trial.params.items()}
