@@ -219,6 +219,7 @@ def test_a_search_asks_optuna_for_its_trials_reports_each_evaluation_and_resumes
     assert sorted(trials_by_key(out)) == sorted(keys)
 
 
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage")  # the test asks Optuna directly; Sweep beats its own
 def test_a_trial_worse_than_the_median_at_an_evaluation_is_stopped_there(tmp_path):
     """The pruning path: a child that logs a hopeless val bpb is killed at that evaluation, not run out."""
     import optuna
@@ -266,6 +267,9 @@ def test_sweep_and_leaderboard_refuse_bad_input_in_one_line(tmp_path):
     (tmp_path / "bad.toml").write_text("[sweep]\npreset = 'gpt'\nminutes = 1\n")
     empty = seedbed("sweep", str(tmp_path / "bad.toml"), "--out", str(tmp_path / "s"))
     assert empty.returncode == 2 and "nothing to run" in empty.stderr and not (tmp_path / "s").exists()
+    storage = seedbed("sweep", str(sweep_file(tmp_path, tmp_path, '[[configs]]\nname = "a"\n')), "--out",
+                      str(tmp_path / "s"), "--storage", "nosuchdb://x")
+    assert storage.returncode == 2 and "cannot open the study storage" in storage.stderr and not (tmp_path / "s").exists()
     board = seedbed("leaderboard", str(tmp_path))
     assert board.returncode == 2 and "not a sweep folder" in board.stderr
     report = seedbed("pack", str(tmp_path), "--eval-tokens", "-1", "--report", str(tmp_path / "r.json"))

@@ -603,15 +603,23 @@ def cmd_decompress(args: argparse.Namespace) -> None:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
+    import shutil
+
+    from seedbed.fileio import atomic_write_text
     from seedbed.sweep.leaderboard import SWEEP_RECORD
     from seedbed.sweep.runner import Sweep, shareable_url
     from seedbed.sweep.spec import read_sweep
-    from seedbed.fileio import atomic_write_text
 
     spec = read_sweep(args.file)
     folder = Path(args.out or Path("sweeps") / spec.name)
+    created = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
-    sweep = Sweep(spec, folder, args.storage, args.parallel or 0, args.heartbeat)
+    try:
+        sweep = Sweep(spec, folder, args.storage, args.parallel or 0, args.heartbeat)
+    except UserError:
+        if created:  # nothing half-made: a storage that cannot be opened leaves no sweep folder behind
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
     record = {"study": spec.name, "file": str(Path(args.file).resolve()), "storage": shareable_url(args.storage)}
     atomic_write_text(folder / SWEEP_RECORD, json.dumps(record, indent=1) + "\n")
     total = len(spec.planned) or spec.search.trials
