@@ -37,7 +37,12 @@ def plot_curves(metrics_path: Path, out_path: Path) -> None:
         right.set_ylim(0, 1)
         right.legend(loc="upper right")
     fig.tight_layout()
+    save_png(fig, out_path)
+
+
+def save_png(fig, path: Path) -> None:
+    """Write a figure as PNG atomically (a crash leaves the old plot or none), and free it."""
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")
     plt.close(fig)
-    atomic_write_bytes(out_path, buffer.getvalue())
+    atomic_write_bytes(path, buffer.getvalue())

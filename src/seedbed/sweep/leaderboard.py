@@ -16,7 +16,6 @@ trial, the front joined as a staircase, and the front's configurations named.
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import statistics
@@ -24,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from seedbed.errors import UserError
-from seedbed.fileio import atomic_write_bytes, atomic_write_text
+from seedbed.fileio import atomic_write_text
 
 SWEEP_RECORD = "sweep.json"  # the study's name and storage, written by seedbed sweep
 AXES = {"bytes": ("artifact_bytes", "artifact bytes"), "time": ("wall_seconds", "wall-clock seconds (train + pack)")}
@@ -125,9 +124,8 @@ def other_lines(rows: list[Row]) -> list[str]:
 
 
 def plot_pareto(rows: list[Row], axis: str, path: Path) -> None:
-    import matplotlib
+    from seedbed.plot import save_png  # first: it selects matplotlib's file-only backend
 
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     attr, label = AXES[axis]
@@ -147,10 +145,7 @@ def plot_pareto(rows: list[Row], axis: str, path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    plt.close(fig)
-    atomic_write_bytes(path, buffer.getvalue())
+    save_png(fig, path)
 
 
 def leaderboard(folder: Path, url: str | None = None, markdown: Path | None = None) -> str:

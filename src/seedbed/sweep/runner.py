@@ -152,10 +152,10 @@ class Claimed:
 
 
 class Heartbeat:
-    """Records the trial's heartbeat now and every ``interval`` seconds until stopped."""
+    """Records the trial's heartbeat every ``interval`` seconds until stopped (the first is recorded
+    when the trial is claimed)."""
 
     def __init__(self, storage, trial_id: int, interval: int):
-        storage.record_heartbeat(trial_id)
         self.stopped = threading.Event()
         self.thread = threading.Thread(target=self.beat, args=(storage, trial_id, interval), daemon=True)
         self.thread.start()
