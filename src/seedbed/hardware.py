@@ -66,8 +66,9 @@ def describe_machine(device: torch.device | None = None) -> str:
     """One line for benchmark tables: the CPU model, its relevant flags, threads, torch, and any GPU."""
     flags = cpu_flags()
     shown = [flag for flag in REPORTED_FLAGS if flag in flags]
+    threads = torch.get_num_threads()
     line = (f"{cpu_model()} (flags: {' '.join(shown) or 'none of ' + ' '.join(REPORTED_FLAGS)}; "
-            f"fast bf16: {'yes' if cpu_has_fast_bf16() else 'no'}), {torch.get_num_threads()} threads, "
+            f"fast bf16: {'yes' if cpu_has_fast_bf16() else 'no'}), {threads} thread{'' if threads == 1 else 's'}, "
             f"torch {torch.__version__}")
     if device is not None and device.type == "cuda":
         line += f", GPU {torch.cuda.get_device_name(device)}"
