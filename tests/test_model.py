@@ -208,12 +208,15 @@ def test_causal_in_training_mode(spec):
                                    msg=lambda m: f"positions >= {t} leaked into the past in training mode\n{m}")
         assert not torch.allclose(out[:, t], base[:, t]), "the changed token had no effect"
         assert grads.keys() == base_grads.keys() and len(grads) == len(list(model.parameters()))
+        # A gradient that is zero in exact arithmetic (attention over a single picked key has
+        # dq = dk = 0) holds the rounding noise of terms on the model's gradient scale that cancel.
+        noise_floor = 1e-6 * max(g.abs().max().item() for g in base_grads.values())
         for name, grad in grads.items():
             # Relative to the tensor's largest gradient: the batched MoE dispatch's regrouping moves
             # sums by up to ~2e-6 of that (KAN experts), while its per-token reference is bit-exact.
             scale = base_grads[name].abs().max().item()
             leaked = f"{name}: gradient of a loss before {t} depends on later tokens"
-            torch.testing.assert_close(grad, base_grads[name], rtol=0, atol=1e-5 * scale + 1e-12,
+            torch.testing.assert_close(grad, base_grads[name], rtol=0, atol=1e-5 * scale + noise_floor,
                                        msg=lambda m: f"{leaked}\n{m}")
 
 

@@ -113,7 +113,7 @@ def test_a_tiny_sweep_runs_end_to_end_reports_bad_trials_and_draws_its_leaderboa
         assert trial.value == report["val_bpb"] and trial.user_attrs["artifact_bytes"] == report["bytes"]
         assert trial.user_attrs["artifact_bytes"] == (Path(trial.user_attrs["run"]) / "model.seedbed").stat().st_size
         assert trial.user_attrs["steps"] == 3 and trial.user_attrs["wall_seconds"] > 0
-        assert trial.user_attrs["tokens_per_second"] > 0 and "threads" in trial.user_attrs["machine"]
+        assert trial.user_attrs["tokens_per_second"] > 0 and " thread" in trial.user_attrs["machine"]
     # the wider MLP has more weights, so a bigger artifact at the same int8 storage
     assert keys["mlp4/seed1"][0].user_attrs["artifact_bytes"] > keys["mlp2/seed1"][0].user_attrs["artifact_bytes"]
     assert "nonsense" in keys["bad/seed1"][0].user_attrs["error"]
