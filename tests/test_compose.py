@@ -1,5 +1,6 @@
 """Composition of experts: clustering, the c-BTM router and mixture, composed artifacts, ``seedbed compose``."""
 
+import copy
 import json
 from pathlib import Path
 
@@ -375,7 +376,8 @@ def test_phatgoose_training_moves_only_the_module_then_only_the_gate():
 
 
 def test_phatgoose_artifact_round_trips_and_codes(tmp_path, tiny_model):
-    model = PhatGoose(tiny_model.model, 2, rank=4, top_k=1)
+    # PhatGoose takes its base over (its linears become LoRA libraries): never the shared fixture.
+    model = PhatGoose(copy.deepcopy(tiny_model.model), 2, rank=4, top_k=1)
     g = torch.Generator().manual_seed(9)
     with torch.no_grad():
         for library in model.libraries():

@@ -87,7 +87,9 @@ def adapted_linears(model: LM) -> list[str]:
 
 
 class PhatGoose(PlainDecoding, nn.Module):
-    """A base LM whose dense linears are ``LoRALibrary``s; answers like the LM it wraps."""
+    """A base LM whose dense linears are ``LoRALibrary``s; answers like the LM it wraps.
+
+    It takes the model over: the linears are replaced in place and the base is frozen."""
 
     label = "PHATGOOSE"
 
